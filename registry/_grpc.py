@@ -1,0 +1,545 @@
+"""A gRPC server for Trio, built on purerpc's protocol layer.
+
+purerpc supplies the sans-io part: HTTP/2 through h2, gRPC headers, message
+framing. Its own Server is not used, because it leaves too much undone for a
+registry (see NOTES.md of the project); this module is the Trio shell that
+does it:
+
+- a call runs under the caller's `grpc-timeout`, and ends with
+  DEADLINE_EXCEEDED when it passes;
+- RST_STREAM from the client, or the connection closing, cancels the call's
+  handler at once, idle watch streams included;
+- an error the handler did not mean to raise reaches the client as INTERNAL
+  with a generic message, and its traceback goes to the log;
+- a request larger than the limit gets RESOURCE_EXHAUSTED on its own stream;
+  the connection and the other calls on it go on;
+- the listening socket is bound without SO_REUSEPORT, so a port in use is an
+  error at start;
+- drain() stops accepting, asks clients to go elsewhere (GOAWAY), lets the
+  calls in flight finish within a grace period, then cancels the rest.
+
+Handlers receive the decoded request and a Call. Unary handlers return the
+response; streaming handlers send responses with `await call.send(...)` and
+return when the stream is complete. RegistryError subclasses raised by a
+handler become their status code through STATUS_CODES, the one place where
+the registry chooses gRPC status codes.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import struct
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import h2.errors
+import h2.events
+import h2.exceptions
+import trio
+from google.protobuf.message import DecodeError, Message
+from hyperframe.frame import GoAwayFrame
+from purerpc.grpclib.buffers import MessageTooLargeError
+from purerpc.grpclib.config import GRPCConfiguration
+from purerpc.grpclib.connection import GRPCConnection
+from purerpc.grpclib.events import (
+    MessageReceived,
+    RequestEnded,
+    RequestReceived,
+    WindowUpdated,
+)
+from purerpc.grpclib.exceptions import ProtocolError
+from purerpc.grpclib.status import Status, StatusCode
+
+from . import errors
+
+log = logging.getLogger("registry.grpc")
+
+STATUS_CODES: dict[type[errors.RegistryError], StatusCode] = {
+    errors.InvalidArgument: StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: StatusCode.NOT_FOUND,
+    errors.Unauthenticated: StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied: StatusCode.PERMISSION_DENIED,
+    errors.OutOfRange: StatusCode.OUT_OF_RANGE,
+    errors.ResourceExhausted: StatusCode.RESOURCE_EXHAUSTED,
+    errors.DeadlineExceeded: StatusCode.DEADLINE_EXCEEDED,
+    errors.Unavailable: StatusCode.UNAVAILABLE,
+}
+
+INTERNAL_MESSAGE = "internal error; the registry logged the details"
+
+# The highest stream id: a GOAWAY naming it asks the client to open no new
+# streams while those in flight finish (RFC 9113, section 6.8).
+_GRACEFUL_GOAWAY = GoAwayFrame(stream_id=0, last_stream_id=2**31 - 1).serialize()
+
+RECEIVE_SIZE = 65536
+# HTTP/2's initial flow-control window.
+_DEFAULT_WINDOW = 65535
+
+
+class ServeError(Exception):
+    """The server cannot start (a port in use, say)."""
+
+
+def status_of(exc: errors.RegistryError) -> Status:
+    for kind in type(exc).__mro__:
+        code = STATUS_CODES.get(cast(type[errors.RegistryError], kind))
+        if code is not None:
+            return Status(code, str(exc))
+    return Status(StatusCode.INTERNAL, INTERNAL_MESSAGE)
+
+
+@dataclass(frozen=True, slots=True)
+class Method:
+    request_type: type[Message]
+    # (request, call) -> response for unary methods; -> None for streaming
+    # methods, which send through call.send().
+    handler: Callable[[Any, Call], Awaitable[Any]]
+    streaming: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    name: str
+    methods: dict[str, Method]
+
+
+# --- the protocol layer ------------------------------------------------------
+
+
+class _StreamReset:
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+
+
+class _RequestTooLarge:
+    def __init__(self, stream_id: int, reason: str) -> None:
+        self.stream_id = stream_id
+        self.reason = reason
+
+
+class _Protocol(GRPCConnection):  # type: ignore[misc]  # purerpc is untyped
+    """purerpc's connection, with the two events it drops made visible."""
+
+    def _stream_reset(self, event: h2.events.StreamReset) -> list[object]:
+        return [_StreamReset(event.stream_id)]
+
+    def _data_received(self, event: h2.events.DataReceived) -> list[object]:
+        buffer = self.message_read_buffers.get(event.stream_id)
+        if buffer is None:
+            # The stream was already answered (its request was too large):
+            # drop the rest, but give the flow-control window back.
+            self.h2_connection.acknowledge_received_data(
+                event.flow_controlled_length, event.stream_id
+            )
+            return []
+        try:
+            buffer.data_received(event.data, event.flow_controlled_length)
+        except MessageTooLargeError as exc:
+            del self.message_read_buffers[event.stream_id]
+            self.h2_connection.acknowledge_received_data(
+                event.flow_controlled_length, event.stream_id
+            )
+            return [_RequestTooLarge(event.stream_id, str(exc))]
+        return [
+            MessageReceived(event.stream_id, message, length)
+            for message, length in buffer.read_all_complete_messages_flowcontrol()
+        ]
+
+
+# --- calls -------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Stream:
+    id: int
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    request: bytes | None = None
+    request_error: str | None = None
+    request_complete: trio.Event = field(default_factory=trio.Event)
+    window_opened: trio.Event = field(default_factory=trio.Event)
+    headers_sent: bool = False
+    # The client reset the stream: it wants no answer.
+    reset: bool = False
+    # A message was cut off halfway: only a reset can end the stream.
+    broken: bool = False
+
+
+class Call:
+    """What a handler knows of its call, and how a streaming one sends."""
+
+    def __init__(
+        self, connection: _Connection, stream: _Stream, path: str, peer: str
+    ) -> None:
+        self._connection = connection
+        self._stream = stream
+        self.path = path
+        self.peer = peer
+        self.messages_sent = 0
+
+    async def send(self, message: Message) -> None:
+        await self._connection.send_message(self._stream, message)
+        self.messages_sent += 1
+
+
+class _Connection:
+    def __init__(self, server: GrpcServer, sock: trio.SocketStream) -> None:
+        self._server = server
+        self._sock = sock
+        self._protocol = _Protocol(
+            GRPCConfiguration(
+                client_side=False, max_message_length=server.max_message_bytes
+            )
+        )
+        self._streams: dict[int, _Stream] = {}
+        # Only the writer task touches the socket's sending side: a handler
+        # cancelled halfway through a write would break every call on it.
+        self._wake_writer = trio.Event()
+        self._raw_frames = b""
+        self._nursery: trio.Nursery | None = None
+        self._idle = trio.Event()
+        self._idle.set()
+        self.peer = _peer_name(sock)
+
+    @property
+    def active_calls(self) -> int:
+        return len(self._streams)
+
+    async def serve(self) -> None:
+        self._protocol.initiate_connection()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._writer)
+                self._flush()
+                await self._read_loop()
+                # The peer is gone: nobody is left to answer.
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._sock.aclose()
+
+    async def _read_loop(self) -> None:
+        while True:
+            try:
+                data = await self._sock.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not data:
+                return
+            try:
+                events = self._protocol.receive_data(data)
+            except (ProtocolError, h2.exceptions.ProtocolError) as exc:
+                log.debug("closing connection from %s: %s", self.peer, exc)
+                self._protocol.h2_connection.close_connection(
+                    error_code=h2.errors.ErrorCodes.PROTOCOL_ERROR
+                )
+                with trio.move_on_after(1):
+                    await self._sock.send_all(self._protocol.data_to_send())
+                return
+            for event in events:
+                self._dispatch(event)
+            self._flush()
+
+    def _dispatch(self, event: object) -> None:
+        if isinstance(event, RequestReceived):
+            stream = _Stream(event.stream_id)
+            if self._server.draining:
+                # Never processed, so the client may retry it elsewhere.
+                self._protocol.reset_stream(
+                    event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM
+                )
+                return
+            self._streams[stream.id] = stream
+            self._idle = trio.Event()
+            assert self._nursery is not None
+            self._nursery.start_soon(self._run_call, stream, event)
+            return
+        if isinstance(event, WindowUpdated):
+            targets = (
+                self._streams.values()
+                if event.stream_id == 0
+                else filter(None, [self._streams.get(event.stream_id)])
+            )
+            for stream in targets:
+                stream.window_opened.set()
+                stream.window_opened = trio.Event()
+            return
+
+        stream_id: int = getattr(event, "stream_id", 0)
+        found = self._streams.get(stream_id)
+        if found is None:
+            return
+        if isinstance(event, MessageReceived):
+            self._protocol.acknowledge_received_data(
+                stream_id, event.flow_controlled_length
+            )
+            if found.request is not None:
+                found.request_error = "a unary request carries exactly one message"
+            found.request = event.data
+        elif isinstance(event, RequestEnded):
+            found.request_complete.set()
+        elif isinstance(event, _RequestTooLarge):
+            found.request_error = event.reason
+            found.request_complete.set()
+        elif isinstance(event, _StreamReset):
+            found.reset = True
+            found.scope.cancel()
+
+    async def _run_call(self, stream: _Stream, event: RequestReceived) -> None:
+        path = f"/{event.service_name}/{event.method_name}"
+        started = trio.current_time()
+        status = Status(StatusCode.OK)
+        try:
+            with stream.scope:
+                status = await self._call(stream, event, path)
+                await self._finish(stream, status)
+        finally:
+            del self._streams[stream.id]
+            if not self._streams:
+                self._idle.set()
+            if stream.scope.cancelled_caught:
+                status = Status(StatusCode.CANCELLED, "cancelled by the client")
+            log.debug(
+                "%s from %s: %s in %.1f ms",
+                path,
+                self.peer,
+                status,
+                (trio.current_time() - started) * 1000,
+            )
+
+    async def _call(self, stream: _Stream, event: RequestReceived, path: str) -> Status:
+        service = self._server.services.get(event.service_name)
+        method = service.methods.get(event.method_name) if service else None
+        if method is None:
+            return Status(StatusCode.UNIMPLEMENTED, f"method {path} is not implemented")
+
+        deadline = math.inf
+        if event.timeout is not None:
+            deadline = trio.current_time() + event.timeout.total_seconds()
+        with trio.move_on_at(deadline) as deadline_scope:
+            try:
+                request = await self._read_request(stream, method)
+                call = Call(self, stream, path, self.peer)
+                if method.streaming:
+                    await method.handler(request, call)
+                else:
+                    response = await method.handler(request, call)
+                    await self.send_message(stream, response)
+                return Status(StatusCode.OK)
+            except errors.RegistryError as exc:
+                return status_of(exc)
+            except Exception:
+                log.exception("unhandled error in %s from %s", path, self.peer)
+                return Status(StatusCode.INTERNAL, INTERNAL_MESSAGE)
+        assert deadline_scope.cancelled_caught
+        return Status(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+
+    async def _read_request(self, stream: _Stream, method: Method) -> Message:
+        await stream.request_complete.wait()
+        if stream.request_error is not None:
+            if "larger than max" in stream.request_error:
+                raise errors.ResourceExhausted(
+                    f"request too large: {stream.request_error.split(': ', 1)[-1]}"
+                    " bytes; split it or raise the server's max message size"
+                )
+            raise errors.InvalidArgument(stream.request_error)
+        if stream.request is None:
+            raise errors.InvalidArgument("the request carries no message")
+        try:
+            return method.request_type.FromString(stream.request)
+        except DecodeError:
+            raise errors.InvalidArgument(
+                f"the request is not a valid {method.request_type.DESCRIPTOR.full_name}"
+            ) from None
+
+    async def send_message(self, stream: _Stream, message: Message) -> None:
+        data = message.SerializeToString()
+        if len(data) > self._server.max_message_bytes:
+            raise errors.ResourceExhausted(
+                f"response of {len(data)} bytes exceeds the limit of "
+                f"{self._server.max_message_bytes}; narrow the request"
+            )
+        if not stream.headers_sent:
+            self._protocol.start_response(stream.id, "+proto")
+            stream.headers_sent = True
+        payload = memoryview(struct.pack(">?I", False, len(data)) + data)
+
+        # Wait until the client's window takes the whole message (or a full
+        # default window of it), so that a cancellation while waiting leaves
+        # no half-sent message behind.
+        await self._wait_window(stream, min(len(payload), _DEFAULT_WINDOW))
+        try:
+            while payload:
+                window = self._window(stream)
+                if window <= 0:
+                    self._flush()
+                    await self._wait_window(stream, 1)
+                    continue
+                self._protocol.send_data(stream.id, bytes(payload[:window]))
+                payload = payload[window:]
+        except BaseException:
+            stream.broken = True
+            raise
+        self._flush()
+
+    def _window(self, stream: _Stream) -> int:
+        h2conn = self._protocol.h2_connection
+        return min(  # type: ignore[no-any-return]  # h2 is untyped
+            h2conn.max_outbound_frame_size, h2conn.local_flow_control_window(stream.id)
+        )
+
+    async def _wait_window(self, stream: _Stream, size: int) -> None:
+        while self._window(stream) < size:
+            waiter = stream.window_opened
+            self._flush()
+            await waiter.wait()
+
+    async def _finish(self, stream: _Stream, status: Status) -> None:
+        if stream.reset:
+            return
+        if stream.broken:
+            self._protocol.reset_stream(stream.id, h2.errors.ErrorCodes.CANCEL)
+        elif stream.headers_sent:
+            self._protocol.end_response(stream.id, status)
+        else:
+            self._protocol.respond_status(stream.id, status, "+proto")
+        self._flush()
+        await trio.lowlevel.checkpoint()
+
+    def _flush(self) -> None:
+        self._wake_writer.set()
+
+    async def _writer(self) -> None:
+        while True:
+            await self._wake_writer.wait()
+            self._wake_writer = trio.Event()
+            data = self._raw_frames + self._protocol.data_to_send()
+            self._raw_frames = b""
+            if not data:
+                continue
+            try:
+                await self._sock.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                # The peer is gone: nobody is left to answer.
+                self.close()
+                return
+
+    def go_away(self) -> None:
+        """Ask the client to open no new streams here."""
+        self._raw_frames += _GRACEFUL_GOAWAY
+        self._flush()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    def close(self) -> None:
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+
+def _peer_name(sock: trio.SocketStream) -> str:
+    try:
+        host, port, *_ = sock.socket.getpeername()
+    except OSError:
+        return "unknown"
+    return f"{host}:{port}"
+
+
+# --- the server --------------------------------------------------------------
+
+
+class GrpcServer:
+    def __init__(
+        self,
+        services: Sequence[Service],
+        *,
+        host: str = "0.0.0.0",
+        port: int = 50051,
+        max_message_bytes: int = 4 * 1024 * 1024,
+    ) -> None:
+        self.services = {service.name: service for service in services}
+        self.host = host
+        self.port = port
+        self.max_message_bytes = max_message_bytes
+        self.draining = False
+        self._connections: set[_Connection] = set()
+        self._accepting: trio.CancelScope | None = None
+        self._cancel_all: trio.CancelScope | None = None
+
+    @property
+    def active_calls(self) -> int:
+        return sum(conn.active_calls for conn in self._connections)
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen, report the bound port through task_status, serve until
+        drained or cancelled."""
+        try:
+            listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ServeError(
+                    f"cannot listen on {self.host}:{self.port}: the port is already "
+                    "in use; stop the other process or choose another port "
+                    "(--port, REGISTRY_PORT)"
+                ) from None
+            raise ServeError(
+                f"cannot listen on {self.host}:{self.port}: {exc.strerror}"
+            ) from None
+        self.port = listeners[0].socket.getsockname()[1]
+        log.info("gRPC listening on %s:%d", self.host, self.port)
+
+        with trio.CancelScope() as self._cancel_all:
+            async with trio.open_nursery() as nursery:
+                task_status.started(self.port)
+                with trio.CancelScope() as self._accepting:
+                    async with trio.open_nursery() as accepting:
+                        for listener in listeners:
+                            accepting.start_soon(self._accept, listener, nursery)
+                for listener in listeners:
+                    await listener.aclose()
+
+    async def _accept(
+        self, listener: trio.SocketListener, nursery: trio.Nursery
+    ) -> None:
+        while True:
+            try:
+                sock = await listener.accept()
+            except OSError as exc:
+                # Out of file descriptors, say: wait a little and go on.
+                log.warning("accepting a connection failed: %s", exc)
+                await trio.sleep(0.1)
+                continue
+            nursery.start_soon(self._serve_connection, sock)
+
+    async def _serve_connection(self, sock: trio.SocketStream) -> None:
+        connection = _Connection(self, sock)
+        self._connections.add(connection)
+        try:
+            await connection.serve()
+        finally:
+            self._connections.discard(connection)
+
+    async def drain(self, grace: float) -> None:
+        """Stop accepting, let calls in flight finish for up to `grace`
+        seconds, then end everything."""
+        self.draining = True
+        if self._accepting is not None:
+            self._accepting.cancel()
+        for connection in list(self._connections):
+            connection.go_away()
+        with trio.move_on_after(grace) as waited:
+            for connection in list(self._connections):
+                await connection.wait_idle()
+        if waited.cancelled_caught:
+            log.warning(
+                "%d calls still running after the %.1fs grace period; cancelling them",
+                self.active_calls,
+                grace,
+            )
+        if self._cancel_all is not None:
+            self._cancel_all.cancel()

@@ -1,0 +1,239 @@
+"""The Registry API: request handlers over the store and the hub."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import trio
+
+from . import store, tokens
+from ._convert import STATUS_FROM_PB, event_to_pb, instance_to_pb
+from ._grpc import Call, Method, Service
+from .db import Database
+from .errors import (
+    DeadlineExceeded,
+    NotFound,
+    OutOfRange,
+    ResourceExhausted,
+    Unavailable,
+)
+from .model import Status
+from .v1 import registry_pb2 as pb
+from .validation import (
+    validate_instance_id,
+    validate_min_revision,
+    validate_name,
+    validate_registration,
+)
+from .watch import Ended, Hub, Watcher
+
+log = logging.getLogger("registry.service")
+
+SERVICE_NAME = "registry.v1.Registry"
+
+
+@dataclass(frozen=True, slots=True)
+class WatchSettings:
+    # Events a stream may hold unsent before it is ended as too slow.
+    buffer: int = 1024
+    # An idle stream gets a progress event this often.
+    progress_interval: float = 5.0
+    # Events read from the log per query while replaying.
+    page_size: int = 500
+    # How long a read with min_revision waits when the call has no deadline.
+    max_revision_wait: float = 30.0
+
+
+class RegistryService:
+    def __init__(self, db: Database, hub: Hub, settings: WatchSettings) -> None:
+        self._db = db
+        self._hub = hub
+        self._settings = settings
+
+    def service(self) -> Service:
+        return Service(
+            SERVICE_NAME,
+            {
+                "Register": Method(pb.RegisterRequest, self.register),
+                "Deregister": Method(pb.DeregisterRequest, self.deregister),
+                "Resolve": Method(pb.ResolveRequest, self.resolve),
+                "List": Method(pb.ListRequest, self.list),
+                "Watch": Method(pb.WatchRequest, self.watch, streaming=True),
+            },
+        )
+
+    async def register(
+        self, request: pb.RegisterRequest, call: Call
+    ) -> pb.RegisterResponse:
+        registration = validate_registration(
+            request, new_instance_id=lambda: uuid.uuid4().hex
+        )
+        # Until the registry probes it, an instance without a check is taken
+        # at its word; one with a check waits to be proven healthy.
+        status = Status.ACTIVE if registration.check is None else Status.PENDING
+        secret, secret_hash = tokens.new_secret()
+        instance = await store.put_instance(self._db, registration, status, secret_hash)
+        log.info(
+            "registered %s/%s generation %d (%s) at revision %d",
+            instance.name,
+            instance.instance_id,
+            instance.generation,
+            instance.status,
+            instance.revision,
+        )
+        return pb.RegisterResponse(
+            instance=instance_to_pb(instance),
+            revision=instance.revision,
+            token=tokens.format_token(instance.generation, secret),
+        )
+
+    async def deregister(
+        self, request: pb.DeregisterRequest, call: Call
+    ) -> pb.DeregisterResponse:
+        name = validate_name("name", request.name)
+        instance_id = validate_instance_id("instance_id", request.instance_id)
+        token = tokens.parse_token(request.token)
+        revision = None
+        while revision is None:
+            current = await store.credentials(self._db, name, instance_id)
+            if current is None:
+                raise NotFound(f"no instance {instance_id!r} of {name!r} is registered")
+            tokens.check_token(token, *current)
+            # None: it changed between the two reads; look again.
+            revision = await store.delete_instance(
+                self._db, name, instance_id, token.generation, token.secret_hash
+            )
+        log.info(
+            "deregistered %s/%s generation %d at revision %d",
+            name,
+            instance_id,
+            token.generation,
+            revision,
+        )
+        return pb.DeregisterResponse(revision=revision)
+
+    async def resolve(
+        self, request: pb.ResolveRequest, call: Call
+    ) -> pb.ResolveResponse:
+        name = validate_name("name", request.name)
+        await self._wait_for_revision(request.min_revision)
+        revision, instances = await store.select_instances(self._db, names=[name])
+        if not instances:
+            raise NotFound(f"no instance of {name!r} is registered")
+        active = [i for i in instances if i.status is Status.ACTIVE]
+        if not active:
+            counts = Counter(i.status.value for i in instances)
+            summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+            raise Unavailable(f"{name!r} has no active instance: {summary}")
+        return pb.ResolveResponse(
+            instances=[instance_to_pb(i) for i in active], revision=revision
+        )
+
+    async def list(self, request: pb.ListRequest, call: Call) -> pb.ListResponse:
+        names = [validate_name("name", request.name)] if request.name else []
+        status = STATUS_FROM_PB.get(request.status)
+        await self._wait_for_revision(request.min_revision)
+        revision, instances = await store.select_instances(
+            self._db, names=names, status=status, version=request.version
+        )
+        return pb.ListResponse(
+            instances=[instance_to_pb(i) for i in instances], revision=revision
+        )
+
+    async def watch(self, request: pb.WatchRequest, call: Call) -> None:
+        names = [validate_name(f"names[{i}]", n) for i, n in enumerate(request.names)]
+        from_revision = validate_min_revision("from_revision", request.from_revision)
+        if self._hub.draining:
+            raise Unavailable("this replica is shutting down; watch another one")
+        watcher = Watcher(names, self._settings.buffer)
+        try:
+            if request.snapshot:
+                cursor = await self._send_snapshot(call, names)
+            elif from_revision:
+                cursor = await self._replay(call, names, from_revision)
+            else:
+                cursor = self._hub.revision
+            # No await between catching up and attaching: nothing slips by.
+            self._hub.attach(watcher, max(cursor, self._hub.revision))
+            await self._stream_live(call, watcher)
+        finally:
+            self._hub.detach(watcher)
+
+    async def _send_snapshot(self, call: Call, names: Sequence[str]) -> int:
+        revision, instances = await store.select_instances(self._db, names=names)
+        for instance in instances:
+            await call.send(pb.WatchResponse(snapshot=instance_to_pb(instance)))
+        await call.send(
+            pb.WatchResponse(snapshot_end=pb.SnapshotEnd(revision=revision))
+        )
+        return await self._replay(call, names, revision)
+
+    async def _replay(self, call: Call, names: Sequence[str], after: int) -> int:
+        """Send the logged events after `after` until caught up with the hub;
+        return the revision sent up to."""
+        cursor = after
+        while cursor < self._hub.revision:
+            page = await store.events_after(
+                self._db, cursor, names=names, limit=self._settings.page_size
+            )
+            if page.compacted > cursor:
+                raise OutOfRange(
+                    f"revision {cursor + 1} has been compacted; the oldest revision "
+                    f"held is {page.compacted + 1}; watch with a snapshot instead"
+                )
+            for event in page.events:
+                await call.send(pb.WatchResponse(event=event_to_pb(event)))
+                cursor = event.revision
+            if len(page.events) < self._settings.page_size:
+                cursor = max(cursor, page.head)
+        return cursor
+
+    async def _stream_live(self, call: Call, watcher: Watcher) -> None:
+        sent = watcher.cursor
+        with trio.CancelScope() as ended:
+            # A stream stuck sending to a slow client must still learn that
+            # it has ended.
+            watcher.on_end = ended.cancel
+            while True:
+                event = None
+                with trio.move_on_after(self._settings.progress_interval) as idle:
+                    event = await watcher.receive()
+                if idle.cancelled_caught:
+                    # Idle for a whole interval: every event up to the hub's
+                    # revision that this stream follows has been sent.
+                    progress = max(sent, self._hub.revision)
+                    await call.send(
+                        pb.WatchResponse(progress=pb.Progress(revision=progress))
+                    )
+                    continue
+                if event is None:
+                    break
+                await call.send(pb.WatchResponse(event=event_to_pb(event)))
+                sent = event.revision
+        if watcher.ended is Ended.BEHIND:
+            raise ResourceExhausted(
+                f"the watcher fell behind the events at revision {sent}; "
+                f"resume with from_revision={sent} and read faster"
+            )
+        if watcher.ended is Ended.COMPACTED:
+            raise OutOfRange(
+                f"this replica lost events after revision {sent} to compaction; "
+                "watch again with a snapshot"
+            )
+        # Ended.DRAINING: end the stream cleanly, the client resumes elsewhere.
+
+    async def _wait_for_revision(self, min_revision: int) -> None:
+        validate_min_revision("min_revision", min_revision)
+        if min_revision <= self._hub.revision:
+            return
+        with trio.move_on_after(self._settings.max_revision_wait):
+            await self._hub.wait_for(min_revision)
+            return
+        raise DeadlineExceeded(
+            f"this replica has not seen revision {min_revision} yet "
+            f"(it is at {self._hub.revision}); retry, or ask another replica"
+        )

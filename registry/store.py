@@ -1,0 +1,239 @@
+"""The registry's queries. Every write goes through registry.instances, whose
+trigger records the event (see schema.sql); nothing here writes events."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from .db import Connection, Database
+from .model import (
+    Api,
+    Broker,
+    BrokerType,
+    CheckKind,
+    Event,
+    EventType,
+    HealthCheck,
+    Instance,
+    Registration,
+    Status,
+)
+
+_INSTANCE_COLUMNS = """
+    name, instance_id, generation, status, address, version, description, apis,
+    brokers, metadata, health_check, registered_at, updated_at, revision
+"""
+
+
+def check_to_json(check: HealthCheck | None) -> dict[str, Any] | None:
+    return None if check is None else dataclasses.asdict(check)
+
+
+def check_from_json(data: dict[str, Any] | None) -> HealthCheck | None:
+    if data is None:
+        return None
+    return HealthCheck(**{**data, "kind": CheckKind(data["kind"])})
+
+
+def _timestamp(value: datetime | str) -> datetime:
+    return value if isinstance(value, datetime) else datetime.fromisoformat(value)
+
+
+def instance_from_row(row: asyncpg.Record | dict[str, Any]) -> Instance:
+    """An Instance from a registry.instances row or an event's entry."""
+    return Instance(
+        name=row["name"],
+        instance_id=row["instance_id"],
+        generation=row["generation"],
+        status=Status(row["status"]),
+        address=row["address"],
+        version=row["version"],
+        description=row["description"],
+        apis=tuple(Api(a["name"], a["port"]) for a in row["apis"]),
+        brokers=tuple(
+            Broker(b["exchange"], b["routing_key"], BrokerType(b["type"]), b["queue"])
+            for b in row["brokers"]
+        ),
+        metadata=dict(row["metadata"]),
+        check=check_from_json(row["health_check"]),
+        registered_at=_timestamp(row["registered_at"]),
+        updated_at=_timestamp(row["updated_at"]),
+        revision=row["revision"],
+    )
+
+
+def event_from_row(row: asyncpg.Record) -> Event:
+    return Event(
+        revision=row["revision"],
+        type=EventType(row["type"]),
+        name=row["name"],
+        instance_id=row["instance_id"],
+        instance=instance_from_row(row["entry"]),
+        time=row["created_at"],
+    )
+
+
+async def put_instance(
+    db: Database, registration: Registration, status: Status, token_hash: bytes
+) -> Instance:
+    """Store `registration` as the next generation of its instance."""
+    row = await db.fetchrow(
+        f"SELECT {_INSTANCE_COLUMNS} FROM registry.put_instance("
+        "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        registration.name,
+        registration.instance_id,
+        status.value,
+        registration.address,
+        registration.version,
+        registration.description,
+        [dataclasses.asdict(api) for api in registration.apis],
+        [dataclasses.asdict(broker) for broker in registration.brokers],
+        registration.metadata,
+        check_to_json(registration.check),
+        token_hash,
+    )
+    assert row is not None, "put_instance returns a row or raises"
+    return instance_from_row(row)
+
+
+async def credentials(
+    db: Database, name: str, instance_id: str
+) -> tuple[int, bytes] | None:
+    """The current generation and token hash of an instance, if it exists."""
+    row = await db.fetchrow(
+        "SELECT generation, token_hash FROM registry.instances"
+        " WHERE name = $1 AND instance_id = $2",
+        name,
+        instance_id,
+    )
+    return None if row is None else (row["generation"], bytes(row["token_hash"]))
+
+
+async def delete_instance(
+    db: Database, name: str, instance_id: str, generation: int, token_hash: bytes
+) -> int | None:
+    """Delete the instance if it is still at `generation` with this token.
+
+    Returns the revision of the deregistration, or None if the instance has
+    moved on (or is gone) since the caller looked.
+    """
+
+    async def delete(conn: Connection) -> int | None:
+        deleted = await conn.fetchval(
+            "DELETE FROM registry.instances WHERE name = $1 AND instance_id = $2"
+            " AND generation = $3 AND token_hash = $4 RETURNING true",
+            name,
+            instance_id,
+            generation,
+            token_hash,
+        )
+        if not deleted:
+            return None
+        # The trigger holds the counter's row lock until we commit, so this is
+        # the revision it took.
+        revision: int = await conn.fetchval("SELECT revision FROM registry.revision")
+        return revision
+
+    return await db.transaction(delete)
+
+
+async def select_instances(
+    db: Database,
+    *,
+    names: Sequence[str] = (),
+    status: Status | None = None,
+    version: str = "",
+) -> tuple[int, list[Instance]]:
+    """Matching instances and the revision they were read at, in one snapshot."""
+    rows = await db.fetch(
+        f"""
+        SELECT r.revision AS head, i.* FROM registry.revision AS r
+        LEFT JOIN LATERAL (
+            SELECT {_INSTANCE_COLUMNS} FROM registry.instances
+            WHERE (cardinality($1::text[]) = 0 OR name = ANY($1::text[]))
+              AND ($2::text IS NULL OR status = $2::text)
+              AND ($3::text = '' OR version = $3::text)
+            ORDER BY name, instance_id
+        ) AS i ON true
+        """,
+        list(names),
+        None if status is None else status.value,
+        version,
+    )
+    head: int = rows[0]["head"]
+    return head, [instance_from_row(row) for row in rows if row["name"] is not None]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EventPage:
+    """Events after a revision, read in one snapshot with the log's bounds."""
+
+    events: list[Event]
+    # The newest revision written when the page was read.
+    head: int
+    # Events up to this revision are gone from the log.
+    compacted: int
+
+
+async def events_after(
+    db: Database,
+    after: int,
+    *,
+    names: Sequence[str] = (),
+    limit: int = 1000,
+) -> EventPage:
+    query = """
+        SELECT r.revision AS head, r.compacted, e.* FROM registry.revision AS r
+        LEFT JOIN LATERAL (
+            SELECT revision, type, name, instance_id, entry, created_at
+            FROM registry.events
+            WHERE revision > $1
+              AND (cardinality($2::text[]) = 0 OR name = ANY($2::text[]))
+            ORDER BY revision
+            LIMIT $3
+        ) AS e ON true
+    """
+    rows = await db.fetch(query, after, list(names), limit)
+    return EventPage(
+        events=[event_from_row(row) for row in rows if row["revision"] is not None],
+        head=rows[0]["head"],
+        compacted=rows[0]["compacted"],
+    )
+
+
+async def head_revision(db: Database) -> int:
+    revision: int = await db.fetchval("SELECT revision FROM registry.revision")
+    return revision
+
+
+async def compact_events(db: Database, retention_seconds: float) -> int:
+    """Drop events older than the retention window; returns how many.
+
+    The newest event is always kept, so the log never forgets the head.
+    """
+
+    async def compact(conn: Connection) -> int:
+        upto: int | None = await conn.fetchval(
+            """
+            SELECT max(revision) FROM registry.events
+            WHERE created_at < now() - make_interval(secs => $1)
+              AND revision < (SELECT revision FROM registry.revision)
+            """,
+            retention_seconds,
+        )
+        if upto is None:
+            return 0
+        status = await conn.execute(
+            "DELETE FROM registry.events WHERE revision <= $1", upto
+        )
+        await conn.execute(
+            "UPDATE registry.revision SET compacted = greatest(compacted, $1)", upto
+        )
+        return int(status.split()[-1])
+
+    return await db.transaction(compact)

@@ -1,0 +1,148 @@
+"""Local fan-out of events to watch streams.
+
+The hub holds the revision this replica has fanned out so far and the
+attached watchers, indexed by the names they follow. The notifier publishes
+events in revision order; publish() is synchronous, so a watcher attached
+between two awaits can never miss an event or see one twice.
+
+Each watcher has a bounded buffer. A watcher whose buffer is full when an
+event arrives is ended (Ended.BEHIND) instead of growing the replica's memory;
+its client resumes from the last revision it received.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterable
+
+import trio
+
+from .model import Event
+
+
+class Ended(enum.Enum):
+    # The watcher did not keep up with the events.
+    BEHIND = "behind"
+    # The replica is draining: the client should resume elsewhere.
+    DRAINING = "draining"
+    # The replica missed compacted events: the client must take a snapshot.
+    COMPACTED = "compacted"
+
+
+class Watcher:
+    """One watch stream's view of the hub."""
+
+    def __init__(self, names: Iterable[str], buffer: int) -> None:
+        self.names = frozenset(names)
+        self.ended: Ended | None = None
+        # Revision of the newest event offered to this watcher.
+        self.cursor = 0
+        # Called once when the watcher ends, to wake a stream blocked sending.
+        self.on_end: Callable[[], object] | None = None
+        self._send, self._receive = trio.open_memory_channel[Event](buffer)
+
+    def offer(self, event: Event) -> None:
+        if event.revision <= self.cursor or self.ended is not None:
+            return
+        try:
+            self._send.send_nowait(event)
+        except trio.WouldBlock:
+            self.end(Ended.BEHIND)
+            return
+        self.cursor = event.revision
+
+    def end(self, reason: Ended) -> None:
+        if self.ended is None:
+            self.ended = reason
+            self._send.close()
+            if self.on_end is not None:
+                self.on_end()
+
+    async def receive(self) -> Event | None:
+        """The next event; None once the watcher has ended and its buffer is
+        empty (see `ended` for why)."""
+        try:
+            return await self._receive.receive()
+        except trio.EndOfChannel:
+            return None
+
+
+class Hub:
+    def __init__(self, revision: int = 0) -> None:
+        # Every event up to this revision has been offered to the watchers.
+        self.revision = revision
+        self._attached: set[Watcher] = set()
+        # Watchers without a names filter, and the others by name.
+        self._everything: set[Watcher] = set()
+        self._by_name: dict[str, set[Watcher]] = {}
+        self._advanced = trio.Event()
+        self.draining = False
+
+    def __len__(self) -> int:
+        return len(self._attached)
+
+    def attach(self, watcher: Watcher, cursor: int) -> None:
+        """Start offering `watcher` the events after `cursor`.
+
+        The caller has delivered everything up to `cursor`, which must be at
+        least the hub's revision; a draining hub ends the watcher at once.
+        """
+        assert cursor >= self.revision, "attach only once caught up"
+        watcher.cursor = cursor
+        if self.draining:
+            watcher.end(Ended.DRAINING)
+            return
+        self._attached.add(watcher)
+        if not watcher.names:
+            self._everything.add(watcher)
+        for name in watcher.names:
+            self._by_name.setdefault(name, set()).add(watcher)
+
+    def detach(self, watcher: Watcher) -> None:
+        self._attached.discard(watcher)
+        self._everything.discard(watcher)
+        for name in watcher.names:
+            watchers = self._by_name.get(name)
+            if watchers is not None:
+                watchers.discard(watcher)
+                if not watchers:
+                    del self._by_name[name]
+
+    def publish(self, events: Iterable[Event]) -> None:
+        """Offer events, in revision order, to every watcher that follows them."""
+        for event in events:
+            if event.revision <= self.revision:
+                continue
+            for watcher in self._everything:
+                watcher.offer(event)
+            for watcher in self._by_name.get(event.name, ()):
+                watcher.offer(event)
+            self.revision = event.revision
+        self._wake()
+
+    def advance(self, revision: int) -> None:
+        """Note that the log has reached `revision` with nothing to publish."""
+        if revision > self.revision:
+            self.revision = revision
+            self._wake()
+
+    def end_all(self, reason: Ended) -> None:
+        for watcher in self._attached:
+            watcher.end(reason)
+        self._attached.clear()
+        self._everything.clear()
+        self._by_name.clear()
+
+    def drain(self) -> None:
+        """End every watch stream and refuse new ones."""
+        self.draining = True
+        self.end_all(Ended.DRAINING)
+
+    async def wait_for(self, revision: int) -> None:
+        """Return once every event up to `revision` has been published."""
+        while self.revision < revision:
+            await self._advanced.wait()
+
+    def _wake(self) -> None:
+        self._advanced.set()
+        self._advanced = trio.Event()
