@@ -440,6 +440,11 @@ class _Connection:
             self._nursery.cancel_scope.cancel()
 
 
+def _close(listeners: Sequence[trio.SocketListener]) -> None:
+    for listener in listeners:
+        listener.socket.close()
+
+
 def _peer_name(sock: trio.SocketStream) -> str:
     try:
         host, port, *_ = sock.socket.getpeername()
@@ -493,15 +498,18 @@ class GrpcServer:
         self.port = listeners[0].socket.getsockname()[1]
         log.info("gRPC listening on %s:%d", self.host, self.port)
 
-        with trio.CancelScope() as self._cancel_all:
-            async with trio.open_nursery() as nursery:
-                task_status.started(self.port)
-                with trio.CancelScope() as self._accepting:
-                    async with trio.open_nursery() as accepting:
-                        for listener in listeners:
-                            accepting.start_soon(self._accept, listener, nursery)
-                for listener in listeners:
-                    await listener.aclose()
+        try:
+            with trio.CancelScope() as self._cancel_all:
+                async with trio.open_nursery() as nursery:
+                    task_status.started(self.port)
+                    with trio.CancelScope() as self._accepting:
+                        async with trio.open_nursery() as accepting:
+                            for listener in listeners:
+                                accepting.start_soon(self._accept, listener, nursery)
+                    # Draining: refuse new connections from here on.
+                    _close(listeners)
+        finally:
+            _close(listeners)
 
     async def _accept(
         self, listener: trio.SocketListener, nursery: trio.Nursery
