@@ -71,8 +71,9 @@ class GrpcClient:
         self.channel = grpc.insecure_channel(self.target)
         self.stub = registry_pb2_grpc.RegistryStub(self.channel)
 
-    async def call(self, method: str, request: Any, timeout: float = WAIT) -> Any:
-        return await in_thread(getattr(self.stub, method), request, timeout=timeout)
+    async def call(self, method: str, request: Any, deadline: float = WAIT) -> Any:
+        """`method` with a gRPC deadline of `deadline` seconds."""
+        return await in_thread(getattr(self.stub, method), request, timeout=deadline)
 
     def close(self) -> None:
         self.channel.close()
