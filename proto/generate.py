@@ -27,8 +27,12 @@ def generate(output: Path) -> None:
     from grpc_tools import protoc
 
     well_known = Path(grpc_tools.__file__).parent / "_proto"
+    # purerpc's plugin is a console script beside this interpreter, which
+    # need not be on PATH (a venv that is not activated).
+    plugin = Path(sys.executable).parent / "protoc-gen-purerpc"
     args = [
         "protoc",
+        f"--plugin=protoc-gen-purerpc={plugin}",
         f"-I{PROTO_ROOT}",
         f"-I{well_known}",
         f"--python_out={output}",
