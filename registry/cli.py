@@ -12,7 +12,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC
 from typing import Any
 
@@ -167,22 +168,34 @@ def _target(args: argparse.Namespace) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+@contextmanager
+def _client_errors(args: argparse.Namespace) -> Iterator[None]:
+    """Turn what a call can fail with into a one-line CommandError."""
+    try:
+        yield
+    except (Exception, BaseExceptionGroup) as raised:
+        exc: BaseException = raised
+        # purerpc's channel raises from inside a task group.
+        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+            exc = exc.exceptions[0]
+        if isinstance(exc, trio.TooSlowError):
+            raise CommandError(
+                f"no answer from {args.target} within {args.timeout}s"
+            ) from None
+        if isinstance(exc, purerpc.RpcFailedError):
+            raise CommandError(_describe(exc)) from None
+        if isinstance(exc, OSError):
+            raise CommandError(
+                f"cannot reach {args.target}: {exc.strerror or exc}"
+            ) from None
+        raise
+
+
 async def _unary(args: argparse.Namespace, method: str, request: Any) -> Any:
     host, port = _target(args)
-    try:
-        with trio.fail_after(args.timeout):
-            async with purerpc.insecure_channel(host, port) as channel:
-                return await getattr(RegistryStub(channel), method)(request)
-    except trio.TooSlowError:
-        raise CommandError(
-            f"no answer from {args.target} within {args.timeout}s"
-        ) from None
-    except purerpc.RpcFailedError as exc:
-        raise CommandError(_describe(exc)) from None
-    except OSError as exc:
-        raise CommandError(
-            f"cannot reach {args.target}: {exc.strerror or exc}"
-        ) from None
+    with _client_errors(args), trio.fail_after(args.timeout):
+        async with purerpc.insecure_channel(host, port) as channel:
+            return await getattr(RegistryStub(channel), method)(request)
 
 
 def _describe(exc: Any) -> str:
@@ -250,16 +263,10 @@ def _watch(args: argparse.Namespace) -> None:
 async def _print_watch(args: argparse.Namespace, request: Any) -> None:
     host, port = _target(args)
     last = request.from_revision
-    try:
+    with _client_errors(args):
         async with purerpc.insecure_channel(host, port) as channel:
             async for response in RegistryStub(channel).Watch(request):
                 last = _print_watch_response(args, response) or last
-    except purerpc.RpcFailedError as exc:
-        raise CommandError(_describe(exc)) from None
-    except OSError as exc:
-        raise CommandError(
-            f"cannot reach {args.target}: {exc.strerror or exc}"
-        ) from None
     raise CommandError(
         f"the replica ended the stream (it is shutting down); resume with --from {last}"
     )
