@@ -52,7 +52,7 @@ class HealthCheck:
     """How the registry probes an instance. Unset timings are None."""
 
     kind: CheckKind
-    # HTTP path; for GRPC the health service name.
+    # The HTTP path, and the gRPC health service name.
     path: str = ""
     service: str = ""
     # Name of the API whose port is probed (HTTP, GRPC, TCP).
