@@ -16,7 +16,8 @@ does it:
 - the listening socket is bound without SO_REUSEPORT, so a port in use is an
   error at start;
 - drain() stops accepting, asks clients to go elsewhere (GOAWAY), lets the
-  calls in flight finish within a grace period, then cancels the rest.
+  calls in flight finish within a grace period and their last answers reach
+  the client before the connection closes, then cancels the rest.
 
 Handlers receive the decoded request and a Call. Unary handlers return the
 response; streaming handlers send responses with `await call.send(...)` and
@@ -121,27 +122,30 @@ class _RequestTooLarge:
 
 
 class _Protocol(GRPCConnection):  # type: ignore[misc]  # purerpc is untyped
-    """purerpc's connection, with the two events it drops made visible."""
+    """purerpc's connection, with the two events it drops made visible, and
+    flow control that cannot leak."""
 
     def _stream_reset(self, event: h2.events.StreamReset) -> list[object]:
+        # Its request will never complete: drop what is buffered of it.
+        self.message_read_buffers.pop(event.stream_id, None)
         return [_StreamReset(event.stream_id)]
 
     def _data_received(self, event: h2.events.DataReceived) -> list[object]:
+        # The window goes back at once, not when a message is complete:
+        # bytes of a request that never completes (answered early, reset,
+        # too large) would otherwise shrink the connection's window for good,
+        # until it stalls. The message size limit bounds what is buffered.
+        self.h2_connection.acknowledge_received_data(
+            event.flow_controlled_length, event.stream_id
+        )
         buffer = self.message_read_buffers.get(event.stream_id)
         if buffer is None:
-            # The stream was already answered (its request was too large):
-            # drop the rest, but give the flow-control window back.
-            self.h2_connection.acknowledge_received_data(
-                event.flow_controlled_length, event.stream_id
-            )
+            # The stream was already answered (its request was too large).
             return []
         try:
             buffer.data_received(event.data, event.flow_controlled_length)
         except MessageTooLargeError as exc:
             del self.message_read_buffers[event.stream_id]
-            self.h2_connection.acknowledge_received_data(
-                event.flow_controlled_length, event.stream_id
-            )
             return [_RequestTooLarge(event.stream_id, str(exc))]
         return [
             MessageReceived(event.stream_id, message, length)
@@ -199,8 +203,8 @@ class _Connection:
         self._wake_writer = trio.Event()
         self._raw_frames = b""
         self._nursery: trio.Nursery | None = None
-        self._idle = trio.Event()
-        self._idle.set()
+        # Set by close_after_writing(): end once everything queued is sent.
+        self._closing = False
         self.peer = _peer_name(sock)
 
     @property
@@ -209,6 +213,10 @@ class _Connection:
 
     async def serve(self) -> None:
         self._protocol.initiate_connection()
+        if self._server.draining:
+            # Accepted just before the drain began, and so not told yet.
+            self.go_away()
+            self.close_after_writing()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -253,7 +261,6 @@ class _Connection:
                 )
                 return
             self._streams[stream.id] = stream
-            self._idle = trio.Event()
             assert self._nursery is not None
             self._nursery.start_soon(self._run_call, stream, event)
             return
@@ -273,9 +280,6 @@ class _Connection:
         if found is None:
             return
         if isinstance(event, MessageReceived):
-            self._protocol.acknowledge_received_data(
-                stream_id, event.flow_controlled_length
-            )
             if found.request is not None:
                 found.request_error = "a unary request carries exactly one message"
             found.request = event.data
@@ -298,8 +302,7 @@ class _Connection:
                 await self._finish(stream, status)
         finally:
             del self._streams[stream.id]
-            if not self._streams:
-                self._idle.set()
+            self._server._on_call_ended()
             if stream.scope.cancelled_caught:
                 status = Status(StatusCode.CANCELLED, "cancelled by the client")
             log.debug(
@@ -416,15 +419,25 @@ class _Connection:
         while True:
             await self._wake_writer.wait()
             self._wake_writer = trio.Event()
-            data = self._raw_frames + self._protocol.data_to_send()
+            # h2's frames first: a connection's first frame is its SETTINGS.
+            data = self._protocol.data_to_send() + self._raw_frames
             self._raw_frames = b""
-            if not data:
-                continue
-            try:
-                await self._sock.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                # The peer is gone: nobody is left to answer.
-                self.close()
+            if data:
+                try:
+                    await self._sock.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    # The peer is gone: nobody is left to answer.
+                    self.close()
+                    return
+            if self._closing and not self._wake_writer.is_set():
+                # All is written. Closing now, with the client's last frames
+                # unread, would reset the connection, and a client may drop
+                # what it has not read yet: half-close, and let the read
+                # loop end at the client's own close.
+                try:
+                    await self._sock.send_eof()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self.close()
                 return
 
     def go_away(self) -> None:
@@ -432,8 +445,11 @@ class _Connection:
         self._raw_frames += _GRACEFUL_GOAWAY
         self._flush()
 
-    async def wait_idle(self) -> None:
-        await self._idle.wait()
+    def close_after_writing(self) -> None:
+        """End the connection once what its calls left to send (their last
+        messages and statuses) is on the wire."""
+        self._closing = True
+        self._flush()
 
     def close(self) -> None:
         if self._nursery is not None:
@@ -473,10 +489,21 @@ class GrpcServer:
         self._connections: set[_Connection] = set()
         self._accepting: trio.CancelScope | None = None
         self._cancel_all: trio.CancelScope | None = None
+        self._stopped = trio.Event()
+        self._call_ended = trio.Event()
 
     @property
     def active_calls(self) -> int:
         return sum(conn.active_calls for conn in self._connections)
+
+    def _on_call_ended(self) -> None:
+        self._call_ended.set()
+        self._call_ended = trio.Event()
+
+    async def wait_idle(self) -> None:
+        """Return once no call is in flight."""
+        while self.active_calls:
+            await self._call_ended.wait()
 
     async def serve(
         self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
@@ -510,6 +537,7 @@ class GrpcServer:
                     _close(listeners)
         finally:
             _close(listeners)
+            self._stopped.set()
 
     async def _accept(
         self, listener: trio.SocketListener, nursery: trio.Nursery
@@ -540,14 +568,20 @@ class GrpcServer:
             self._accepting.cancel()
         for connection in list(self._connections):
             connection.go_away()
-        with trio.move_on_after(grace) as waited:
+        with trio.move_on_after(grace):
+            await self.wait_idle()
+            # Cancelling now could cut the answers the last calls queued:
+            # each connection sends them first, and serve() returns once
+            # every connection has closed.
             for connection in list(self._connections):
-                await connection.wait_idle()
-        if waited.cancelled_caught:
-            log.warning(
-                "%d calls still running after the %.1fs grace period; cancelling them",
-                self.active_calls,
-                grace,
-            )
+                connection.close_after_writing()
+            await self._stopped.wait()
+            return
+        log.warning(
+            "the %.1fs grace period is over with %d calls still running; "
+            "cancelling them",
+            grace,
+            self.active_calls,
+        )
         if self._cancel_all is not None:
             self._cancel_all.cancel()

@@ -66,6 +66,8 @@ class Replica:
         self.hub = Hub()
         self.health = Health([SERVICE_NAME])
         self.port: int | None = None
+        # The gRPC server, once run() has made it.
+        self.server: GrpcServer | None = None
         self._stop = trio.Event()
 
     def stop(self) -> None:
@@ -115,7 +117,7 @@ class Replica:
                 buffer=config.watch_buffer, progress_interval=config.progress_interval
             ),
         )
-        server = GrpcServer(
+        server = self.server = GrpcServer(
             [service.service(), self.health.service()],
             host=config.host,
             port=config.port,
@@ -147,7 +149,7 @@ class Replica:
                 server.active_calls,
                 config.drain_grace,
             )
-            self.health.set_serving(False)
+            self.health.drain()
             self.hub.drain()
             await server.drain(config.drain_grace)
             nursery.cancel_scope.cancel()

@@ -2,7 +2,9 @@
 
 It answers SERVING only while the replica is ready: every task started, and
 not draining. Both the server as a whole ("") and the Registry service by
-name are known.
+name are known. Once draining, a Watch stream ends (OK) right after it has
+said NOT_SERVING: left open, it would hold the drain for its whole grace
+period and then be cut with UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class Health:
     def __init__(self, services: list[str]) -> None:
         self._known = {"", *services}
         self._serving = False
+        self._draining = False
         self._changed = trio.Event()
 
     @property
@@ -31,10 +34,18 @@ class Health:
         return self._serving
 
     def set_serving(self, serving: bool) -> None:
-        if serving != self._serving:
+        if serving != self._serving and not self._draining:
             self._serving = serving
             self._changed.set()
             self._changed = trio.Event()
+
+    def drain(self) -> None:
+        """Answer NOT_SERVING from now on, and end every Watch stream once it
+        has sent that."""
+        self._draining = True
+        self._serving = False
+        self._changed.set()
+        self._changed = trio.Event()
 
     def service(self) -> Service:
         return Service(
@@ -65,4 +76,6 @@ class Health:
             await call.send(
                 health_pb2.HealthCheckResponse(status=self._status(request.service))
             )
+            if self._draining:
+                return
             await changed.wait()
