@@ -85,8 +85,16 @@ async def _init_connection(conn: Connection) -> None:
     )
 
 
-async def _release(pool: asyncpg.Pool, conn: Connection) -> None:
-    await asyncio.shield(pool.release(conn))
+async def _to_completion(step: Awaitable[object]) -> None:
+    """Await `step` to its end even if cancelled meanwhile, then let the
+    cancellation through: a half-done commit, rollback or release would
+    leave the connection unusable."""
+    task = asyncio.ensure_future(step)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
 
 
 class Database:
@@ -150,7 +158,7 @@ class Database:
             try:
                 return await operation(conn)
             finally:
-                await _release(pool, conn)
+                await _to_completion(pool.release(conn))
 
         with mapped_errors():
             return cast(T, await trio_asyncio.aio_as_trio(unit)())
@@ -169,16 +177,16 @@ class Database:
             conn = await pool.acquire()
             try:
                 tx = conn.transaction(isolation=isolation)
-                await tx.start()
                 try:
+                    await _to_completion(tx.start())
                     result = await operation(conn)
                 except BaseException:
-                    await asyncio.shield(tx.rollback())
+                    await _to_completion(tx.rollback())
                     raise
-                await asyncio.shield(tx.commit())
+                await _to_completion(tx.commit())
                 return result
             finally:
-                await _release(pool, conn)
+                await _to_completion(pool.release(conn))
 
         with mapped_errors():
             return cast(T, await trio_asyncio.aio_as_trio(unit)())
