@@ -25,6 +25,7 @@ from . import config as configuration
 from ._convert import STATUS_FROM_PB
 from ._grpc import ServeError
 from .app import Replica
+from .errors import RegistryError
 from .v1 import registry_pb2 as pb
 from .v1.registry_grpc import RegistryStub
 
@@ -141,8 +142,20 @@ def _serve(args: argparse.Namespace) -> None:
 
         with embedded_postgres(config.data_dir.resolve()) as database_url:
             trio.run(_serve_until_signalled, config, database_url)
-    except ServeError as exc:
+    except (ServeError, RegistryError) as exc:
         raise CommandError(str(exc)) from None
+    except BaseExceptionGroup as group:
+        # A replica that cannot start fails inside its nurseries.
+        failed, others = group.split((ServeError, RegistryError))
+        if failed is None or others is not None:
+            raise
+        raise CommandError(str(_first_leaf(failed))) from None
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 async def _serve_until_signalled(
@@ -176,8 +189,8 @@ def _client_errors(args: argparse.Namespace) -> Iterator[None]:
     except (Exception, BaseExceptionGroup) as raised:
         exc: BaseException = raised
         # purerpc's channel raises from inside a task group.
-        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-            exc = exc.exceptions[0]
+        if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+            exc = _first_leaf(exc)
         if isinstance(exc, trio.TooSlowError):
             raise CommandError(
                 f"no answer from {args.target} within {args.timeout}s"
