@@ -16,18 +16,20 @@ from ._grpc import Call, Method, Service
 from .db import Database
 from .errors import (
     DeadlineExceeded,
+    InvalidArgument,
     NotFound,
     OutOfRange,
     ResourceExhausted,
     Unavailable,
 )
-from .model import Status
+from .model import Instance, Status
 from .v1 import registry_pb2 as pb
 from .validation import (
     validate_instance_id,
     validate_min_revision,
     validate_name,
     validate_registration,
+    validate_version,
 )
 from .watch import Ended, Hub, Watcher
 
@@ -120,8 +122,7 @@ class RegistryService:
         self, request: pb.ResolveRequest, call: Call
     ) -> pb.ResolveResponse:
         name = validate_name("name", request.name)
-        await self._wait_for_revision(request.min_revision)
-        revision, instances = await store.select_instances(self._db, names=[name])
+        revision, instances = await self._select(request.min_revision, names=[name])
         if not instances:
             raise NotFound(f"no instance of {name!r} is registered")
         active = [i for i in instances if i.status is Status.ACTIVE]
@@ -136,9 +137,16 @@ class RegistryService:
     async def list(self, request: pb.ListRequest, call: Call) -> pb.ListResponse:
         names = [validate_name("name", request.name)] if request.name else []
         status = STATUS_FROM_PB.get(request.status)
-        await self._wait_for_revision(request.min_revision)
-        revision, instances = await store.select_instances(
-            self._db, names=names, status=status, version=request.version
+        if status is None and request.status != pb.STATUS_UNSPECIFIED:
+            # proto3 enums are open: an unknown number must not mean "any".
+            raise InvalidArgument(
+                f"status: {request.status!r} is not a status; use STATUS_PENDING, "
+                "STATUS_ACTIVE, STATUS_INACTIVE or STATUS_DRAINING, or leave it unset"
+            )
+        if request.version:
+            validate_version("version", request.version)
+        revision, instances = await self._select(
+            request.min_revision, names=names, status=status, version=request.version
         )
         return pb.ListResponse(
             instances=[instance_to_pb(i) for i in instances], revision=revision
@@ -226,10 +234,37 @@ class RegistryService:
             )
         # Ended.DRAINING: end the stream cleanly, the client resumes elsewhere.
 
-    async def _wait_for_revision(self, min_revision: int) -> None:
+    async def _select(
+        self,
+        min_revision: int,
+        *,
+        names: Sequence[str],
+        status: Status | None = None,
+        version: str = "",
+    ) -> tuple[int, Sequence[Instance]]:
+        """Matching instances, read at `min_revision` or later.
+
+        Replicas share the database, so a revision committed by any of them is
+        there at the first read; only one not committed yet waits, until this
+        replica's notifier sees it.
+        """
         validate_min_revision("min_revision", min_revision)
+        while True:
+            revision, instances = await store.select_instances(
+                self._db, names=names, status=status, version=version
+            )
+            if revision >= min_revision:
+                return revision, instances
+            await self._wait_for_revision(min_revision)
+
+    async def _wait_for_revision(self, min_revision: int) -> None:
         if min_revision <= self._hub.revision:
             return
+        log.debug(
+            "waiting for revision %d; this replica is at %d",
+            min_revision,
+            self._hub.revision,
+        )
         with trio.move_on_after(self._settings.max_revision_wait):
             await self._hub.wait_for(min_revision)
             return

@@ -40,7 +40,8 @@ def parse_token(token: str) -> Token:
             "this call needs the instance token that Register returned"
         )
     generation, dot, secret = token.partition(".")
-    if not dot or not generation.isdigit() or not secret:
+    # isdigit() alone lets through digits int() refuses, such as "²".
+    if not dot or not (generation.isascii() and generation.isdigit()) or not secret:
         raise Unauthenticated(
             "the instance token is malformed; pass the token Register returned"
         )

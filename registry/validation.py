@@ -24,6 +24,7 @@ __all__ = [
     "validate_min_revision",
     "validate_name",
     "validate_registration",
+    "validate_version",
 ]
 
 # Service names and API names are DNS labels (RFC 1123).
@@ -122,7 +123,7 @@ def validate_registration(
     if instance_id:
         validate_instance_id("instance_id", instance_id)
     address = _validate_address("address", request.address)
-    version = _validate_version("version", request.version)
+    version = validate_version("version", request.version)
     description = _validate_description("description", request.description)
     apis = _validate_apis(request.apis)
     brokers = _validate_brokers(request.brokers)
@@ -181,7 +182,7 @@ def _validate_address(field: str, value: str) -> str:
     return value
 
 
-def _validate_version(field: str, value: str) -> str:
+def validate_version(field: str, value: str) -> str:
     if len(value) > MAX_VERSION_LENGTH:
         raise InvalidArgument(
             f"{field}: {len(value)} characters is too long; "
