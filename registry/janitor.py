@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import trio
 
@@ -18,8 +19,14 @@ async def run_janitor(
     *,
     retention: float,
     interval: float,
+    on_pass: Callable[[int], object] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """Compact the log every `interval` seconds, forever.
+
+    `on_pass`, if given, is called after each successful pass with the number
+    of events dropped (for a metric, or a test that waits for a pass).
+    """
     task_status.started()
     while True:
         try:
@@ -31,4 +38,6 @@ async def run_janitor(
                 log.info(
                     "compacted %d events older than %.0f seconds", compacted, retention
                 )
+            if on_pass is not None:
+                on_pass(compacted)
         await trio.sleep(interval)

@@ -30,6 +30,8 @@ from .watch import Ended, Hub
 log = logging.getLogger("registry.notifier")
 
 CHANNEL = "registry_events"
+# How the LISTEN connection shows in pg_stat_activity.
+APPLICATION_NAME = "registry-notifier"
 
 
 class Notifier:
@@ -89,6 +91,9 @@ class Notifier:
         conn = await dbmod.connect(self._db.dsn, connect_timeout=self._ping_timeout)
         try:
             with dbmod.mapped_errors():
+                await trio_asyncio.aio_as_trio(conn.execute)(
+                    f"SET application_name = '{APPLICATION_NAME}'"
+                )
                 await trio_asyncio.aio_as_trio(conn.add_listener)(CHANNEL, on_notify)
             conn.add_termination_listener(on_terminated)
 
