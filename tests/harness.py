@@ -11,6 +11,7 @@ grpcio's client is blocking, so its calls run in a worker thread
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -105,6 +106,91 @@ def registration(name: str = "billing", instance_id: str = "", **fields: Any) ->
         else:
             setattr(request, key, value)
     return request
+
+
+# grpcio's streaming iterator blocks, so `watch_stream` reads it in a worker
+# thread and hands each response to Trio through an unbuffered memory channel:
+# the thread takes the next message off the wire only when the test has taken
+# the previous one, which also lets a test stop reading altogether.
+
+
+class StreamEnded(Exception):
+    """The watch stream ended with status OK."""
+
+
+class WatchStream:
+    """The responses of one grpcio Watch call, received from Trio."""
+
+    def __init__(self, receive: trio.MemoryReceiveChannel[Any]) -> None:
+        self._receive = receive
+
+    async def receive(self) -> pb.WatchResponse:
+        """The next response; raises the call's grpc.RpcError, or StreamEnded,
+        once the stream is over."""
+        with trio.fail_after(WAIT):
+            item = await self._receive.receive()
+        if isinstance(item, grpc.RpcError):
+            raise item
+        if item is None:
+            raise StreamEnded
+        assert isinstance(item, pb.WatchResponse)
+        return item
+
+    async def receive_event(self) -> pb.Event:
+        """The next response, which must be an event."""
+        response = await self.receive()
+        assert response.WhichOneof("kind") == "event", response
+        return response.event
+
+    async def snapshot(self) -> tuple[list[pb.Instance], int]:
+        """The snapshot's instances and the revision of its SnapshotEnd."""
+        instances: list[pb.Instance] = []
+        while True:
+            response = await self.receive()
+            if response.WhichOneof("kind") == "snapshot_end":
+                return instances, response.snapshot_end.revision
+            assert response.WhichOneof("kind") == "snapshot", response
+            instances.append(response.snapshot)
+
+    async def status(self) -> tuple[list[pb.WatchResponse], Any]:
+        """Every response left, and the grpc.RpcError that ended the stream."""
+        responses = []
+        while True:
+            try:
+                responses.append(await self.receive())
+            except grpc.RpcError as exc:
+                return responses, exc
+
+
+@asynccontextmanager
+async def watch_stream(
+    stub: registry_pb2_grpc.RegistryStub, request: pb.WatchRequest
+) -> AsyncIterator[WatchStream]:
+    """A Watch call through a grpcio stub, cancelled on the way out."""
+    call = stub.Watch(request, timeout=WAIT)
+    send, receive = trio.open_memory_channel[Any](0)
+
+    def read() -> None:
+        # Runs in a worker thread: each message, then the outcome (None for
+        # OK, else the error), until the test stops listening or is cancelled.
+        outcome = None
+        try:
+            for response in call:
+                trio.from_thread.run(send.send, response)
+        except grpc.RpcError as exc:
+            outcome = exc
+        except (trio.BrokenResourceError, trio.Cancelled):
+            return
+        with contextlib.suppress(trio.BrokenResourceError, trio.Cancelled):
+            trio.from_thread.run(send.send, outcome)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.to_thread.run_sync, read)
+        try:
+            yield WatchStream(receive)
+        finally:
+            call.cancel()
+            receive.close()
 
 
 _READY = re.compile(rb"replica ready: gRPC on [^ ]+:(\d+)")

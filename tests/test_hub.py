@@ -1,0 +1,204 @@
+"""The watch bookkeeping (Hub, Watcher) and Backoff, without any I/O."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime
+
+import pytest
+import trio
+import trio.testing
+
+from registry.backoff import Backoff
+from registry.model import Event, EventType, Instance, Status
+from registry.watch import Ended, Hub, Watcher
+
+_TIME = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def event(revision: int, name: str = "billing") -> Event:
+    instance = Instance(
+        name=name,
+        instance_id=f"{name}-1",
+        generation=1,
+        status=Status.ACTIVE,
+        address="127.0.0.1",
+        version="",
+        description="",
+        apis=(),
+        brokers=(),
+        metadata={},
+        check=None,
+        registered_at=_TIME,
+        updated_at=_TIME,
+        revision=revision,
+    )
+    return Event(revision, EventType.REGISTERED, name, f"{name}-1", instance, _TIME)
+
+
+async def received(watcher: Watcher) -> list[tuple[int, str]]:
+    """Everything the watcher holds, as (revision, name); ends the watcher."""
+    if watcher.ended is None:
+        watcher.end(Ended.DRAINING)
+    events = []
+    while (item := await watcher.receive()) is not None:
+        events.append((item.revision, item.name))
+    return events
+
+
+def attached(hub: Hub, names: list[str], buffer: int = 16) -> Watcher:
+    watcher = Watcher(names, buffer)
+    hub.attach(watcher, hub.revision)
+    return watcher
+
+
+async def test_hub_offers_each_event_once_to_each_watcher_of_its_name() -> None:
+    hub = Hub()
+    everything = attached(hub, [])
+    billing = attached(hub, ["billing"])
+    orders = attached(hub, ["orders"])
+    both = attached(hub, ["billing", "orders"])
+
+    hub.publish([event(1, "billing"), event(2, "orders"), event(3, "billing")])
+    # Published again with newer ones, as after a notifier's overlapping read.
+    hub.publish([event(3, "billing"), event(4, "payments"), event(5, "orders")])
+
+    assert hub.revision == 5
+    assert await received(everything) == [
+        (1, "billing"),
+        (2, "orders"),
+        (3, "billing"),
+        (4, "payments"),
+        (5, "orders"),
+    ]
+    assert await received(billing) == [(1, "billing"), (3, "billing")]
+    assert await received(orders) == [(2, "orders"), (5, "orders")]
+    assert await received(both) == [
+        (1, "billing"),
+        (2, "orders"),
+        (3, "billing"),
+        (5, "orders"),
+    ]
+
+
+async def test_hub_skips_events_at_or_below_a_watchers_cursor() -> None:
+    hub = Hub()
+    watcher = Watcher([], 16)
+    # The stream replayed the log up to revision 3 before attaching.
+    hub.attach(watcher, 3)
+
+    hub.publish([event(n) for n in range(1, 6)])
+    watcher.offer(event(5))
+
+    assert watcher.cursor == 5
+    assert [revision for revision, _ in await received(watcher)] == [4, 5]
+
+
+async def test_hub_stops_offering_to_a_detached_watcher() -> None:
+    hub = Hub()
+    kept = attached(hub, ["billing"])
+    gone = attached(hub, ["billing"])
+    everything = attached(hub, [])
+
+    hub.detach(gone)
+    hub.detach(everything)
+    hub.publish([event(1)])
+
+    assert len(hub) == 1
+    assert await received(kept) == [(1, "billing")]
+    assert await received(gone) == []
+    assert await received(everything) == []
+
+
+async def test_watcher_with_a_full_buffer_is_ended_behind() -> None:
+    hub = Hub()
+    watcher = attached(hub, [], buffer=2)
+    ends: list[Ended | None] = []
+    watcher.on_end = lambda: ends.append(watcher.ended)
+
+    hub.publish([event(1), event(2), event(3)])
+    hub.publish([event(4)])
+
+    assert watcher.ended is Ended.BEHIND
+    assert ends == [Ended.BEHIND]
+    # The cursor says where its client resumes: after what it was given.
+    assert watcher.cursor == 2
+    assert await received(watcher) == [(1, "billing"), (2, "billing")]
+
+
+async def test_hub_drain_ends_every_watcher_and_any_later_one() -> None:
+    hub = Hub()
+    first = attached(hub, [])
+    second = attached(hub, ["orders"])
+    ends: list[Watcher] = []
+    first.on_end = lambda: ends.append(first)
+    second.on_end = lambda: ends.append(second)
+
+    hub.drain()
+
+    assert (first.ended, second.ended) == (Ended.DRAINING, Ended.DRAINING)
+    assert len(ends) == 2
+    assert set(ends) == {first, second}
+    assert len(hub) == 0
+
+    late = attached(hub, [])
+    assert late.ended is Ended.DRAINING
+    assert len(hub) == 0
+    hub.publish([event(1)])
+    assert await received(late) == []
+
+
+async def test_hub_wait_for_returns_when_the_revision_is_reached(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    hub = Hub()
+
+    async def feed() -> None:
+        await trio.sleep(1)
+        hub.publish([event(1)])
+        await trio.sleep(2)
+        hub.advance(4)
+        # A lower revision never moves the hub back.
+        hub.advance(2)
+        await trio.sleep(3)
+        hub.publish([event(5)])
+
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(feed)
+        await hub.wait_for(1)
+        assert trio.current_time() - start == 1
+        await hub.wait_for(3)
+        assert trio.current_time() - start == 3
+        assert hub.revision == 4
+        await hub.wait_for(4)
+        assert trio.current_time() - start == 3
+        await hub.wait_for(5)
+        assert trio.current_time() - start == 6
+
+
+def test_backoff_doubles_up_to_its_cap_with_jitter_below_each_bound() -> None:
+    backoff = Backoff(0.1, 1.0, rng=random.Random(7))
+    bounds = [0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0, 1.0]
+
+    delays = [backoff.next() for _ in bounds]
+
+    for delay, bound in zip(delays, bounds, strict=True):
+        assert bound / 2 <= delay <= bound
+    # Jittered: not simply the bounds.
+    assert delays != bounds
+    backoff.reset()
+    assert 0.05 <= backoff.next() <= 0.1
+
+
+def test_backoffs_with_different_seeds_do_not_retry_in_lockstep() -> None:
+    first = Backoff(1.0, 8.0, rng=random.Random(1))
+    second = Backoff(1.0, 8.0, rng=random.Random(2))
+
+    assert [first.next() for _ in range(5)] != [second.next() for _ in range(5)]
+
+
+@pytest.mark.parametrize(("initial", "cap"), [(0.0, 1.0), (2.0, 1.0), (-1.0, 1.0)])
+def test_backoff_refuses_bounds_out_of_order(initial: float, cap: float) -> None:
+    with pytest.raises(ValueError, match="need 0 < initial <= cap"):
+        Backoff(initial, cap)
