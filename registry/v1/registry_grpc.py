@@ -20,6 +20,15 @@ class RegistryServicer(purerpc.Servicer):
     async def Watch(self, input_message):
         raise NotImplementedError()
 
+    async def Heartbeat(self, input_message):
+        raise NotImplementedError()
+
+    async def Drain(self, input_message):
+        raise NotImplementedError()
+
+    async def History(self, input_message):
+        raise NotImplementedError()
+
     @property
     def service(self) -> purerpc.Service:
         service_obj = purerpc.Service(
@@ -70,6 +79,33 @@ class RegistryServicer(purerpc.Servicer):
                 registry_dot_v1_dot_registry__pb2.WatchResponse,
             )
         )
+        service_obj.add_method(
+            "Heartbeat",
+            self.Heartbeat,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                registry_dot_v1_dot_registry__pb2.HeartbeatRequest,
+                registry_dot_v1_dot_registry__pb2.HeartbeatResponse,
+            )
+        )
+        service_obj.add_method(
+            "Drain",
+            self.Drain,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                registry_dot_v1_dot_registry__pb2.DrainRequest,
+                registry_dot_v1_dot_registry__pb2.DrainResponse,
+            )
+        )
+        service_obj.add_method(
+            "History",
+            self.History,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                registry_dot_v1_dot_registry__pb2.HistoryRequest,
+                registry_dot_v1_dot_registry__pb2.HistoryResponse,
+            )
+        )
         return service_obj
 
 
@@ -117,5 +153,29 @@ class RegistryStub:
                 purerpc.Cardinality.UNARY_STREAM,
                 registry_dot_v1_dot_registry__pb2.WatchRequest,
                 registry_dot_v1_dot_registry__pb2.WatchResponse,
+            )
+        )
+        self.Heartbeat = self._client.get_method_stub(
+            "Heartbeat",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                registry_dot_v1_dot_registry__pb2.HeartbeatRequest,
+                registry_dot_v1_dot_registry__pb2.HeartbeatResponse,
+            )
+        )
+        self.Drain = self._client.get_method_stub(
+            "Drain",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                registry_dot_v1_dot_registry__pb2.DrainRequest,
+                registry_dot_v1_dot_registry__pb2.DrainResponse,
+            )
+        )
+        self.History = self._client.get_method_stub(
+            "History",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                registry_dot_v1_dot_registry__pb2.HistoryRequest,
+                registry_dot_v1_dot_registry__pb2.HistoryResponse,
             )
         )

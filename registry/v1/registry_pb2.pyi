@@ -67,14 +67,16 @@ class Broker(_message.Message):
     def __init__(self, exchange: _Optional[str] = ..., routing_key: _Optional[str] = ..., type: _Optional[_Union[BrokerType, str]] = ..., queue: _Optional[str] = ...) -> None: ...
 
 class HttpCheck(_message.Message):
-    __slots__ = ("path", "api", "https")
+    __slots__ = ("path", "api", "https", "follow_redirects")
     PATH_FIELD_NUMBER: _ClassVar[int]
     API_FIELD_NUMBER: _ClassVar[int]
     HTTPS_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_REDIRECTS_FIELD_NUMBER: _ClassVar[int]
     path: str
     api: str
     https: bool
-    def __init__(self, path: _Optional[str] = ..., api: _Optional[str] = ..., https: _Optional[bool] = ...) -> None: ...
+    follow_redirects: bool
+    def __init__(self, path: _Optional[str] = ..., api: _Optional[str] = ..., https: _Optional[bool] = ..., follow_redirects: _Optional[bool] = ...) -> None: ...
 
 class GrpcCheck(_message.Message):
     __slots__ = ("api", "service")
@@ -96,28 +98,40 @@ class TtlCheck(_message.Message):
     ttl: _duration_pb2.Duration
     def __init__(self, ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
+class KubernetesCheck(_message.Message):
+    __slots__ = ("namespace", "pod")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    POD_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    pod: str
+    def __init__(self, namespace: _Optional[str] = ..., pod: _Optional[str] = ...) -> None: ...
+
 class HealthCheck(_message.Message):
-    __slots__ = ("http", "grpc", "tcp", "ttl", "interval", "timeout", "failure_threshold", "success_threshold")
+    __slots__ = ("http", "grpc", "tcp", "ttl", "kubernetes", "interval", "timeout", "failure_threshold", "success_threshold", "deregister_after")
     HTTP_FIELD_NUMBER: _ClassVar[int]
     GRPC_FIELD_NUMBER: _ClassVar[int]
     TCP_FIELD_NUMBER: _ClassVar[int]
     TTL_FIELD_NUMBER: _ClassVar[int]
+    KUBERNETES_FIELD_NUMBER: _ClassVar[int]
     INTERVAL_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     FAILURE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     SUCCESS_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    DEREGISTER_AFTER_FIELD_NUMBER: _ClassVar[int]
     http: HttpCheck
     grpc: GrpcCheck
     tcp: TcpCheck
     ttl: TtlCheck
+    kubernetes: KubernetesCheck
     interval: _duration_pb2.Duration
     timeout: _duration_pb2.Duration
     failure_threshold: int
     success_threshold: int
-    def __init__(self, http: _Optional[_Union[HttpCheck, _Mapping]] = ..., grpc: _Optional[_Union[GrpcCheck, _Mapping]] = ..., tcp: _Optional[_Union[TcpCheck, _Mapping]] = ..., ttl: _Optional[_Union[TtlCheck, _Mapping]] = ..., interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., failure_threshold: _Optional[int] = ..., success_threshold: _Optional[int] = ...) -> None: ...
+    deregister_after: _duration_pb2.Duration
+    def __init__(self, http: _Optional[_Union[HttpCheck, _Mapping]] = ..., grpc: _Optional[_Union[GrpcCheck, _Mapping]] = ..., tcp: _Optional[_Union[TcpCheck, _Mapping]] = ..., ttl: _Optional[_Union[TtlCheck, _Mapping]] = ..., kubernetes: _Optional[_Union[KubernetesCheck, _Mapping]] = ..., interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., failure_threshold: _Optional[int] = ..., success_threshold: _Optional[int] = ..., deregister_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class Instance(_message.Message):
-    __slots__ = ("name", "instance_id", "version", "description", "status", "address", "apis", "brokers", "metadata", "check", "registered_at", "updated_at", "revision", "generation")
+    __slots__ = ("name", "instance_id", "version", "description", "status", "address", "apis", "brokers", "metadata", "check", "registered_at", "updated_at", "revision", "generation", "follows", "events_queue")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +153,8 @@ class Instance(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
+    FOLLOWS_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_QUEUE_FIELD_NUMBER: _ClassVar[int]
     name: str
     instance_id: str
     version: str
@@ -153,10 +169,12 @@ class Instance(_message.Message):
     updated_at: _timestamp_pb2.Timestamp
     revision: int
     generation: int
-    def __init__(self, name: _Optional[str] = ..., instance_id: _Optional[str] = ..., version: _Optional[str] = ..., description: _Optional[str] = ..., status: _Optional[_Union[Status, str]] = ..., address: _Optional[str] = ..., apis: _Optional[_Iterable[_Union[Api, _Mapping]]] = ..., brokers: _Optional[_Iterable[_Union[Broker, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., check: _Optional[_Union[HealthCheck, _Mapping]] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revision: _Optional[int] = ..., generation: _Optional[int] = ...) -> None: ...
+    follows: _containers.RepeatedScalarFieldContainer[str]
+    events_queue: str
+    def __init__(self, name: _Optional[str] = ..., instance_id: _Optional[str] = ..., version: _Optional[str] = ..., description: _Optional[str] = ..., status: _Optional[_Union[Status, str]] = ..., address: _Optional[str] = ..., apis: _Optional[_Iterable[_Union[Api, _Mapping]]] = ..., brokers: _Optional[_Iterable[_Union[Broker, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., check: _Optional[_Union[HealthCheck, _Mapping]] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revision: _Optional[int] = ..., generation: _Optional[int] = ..., follows: _Optional[_Iterable[str]] = ..., events_queue: _Optional[str] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("name", "instance_id", "version", "description", "address", "apis", "brokers", "metadata", "check")
+    __slots__ = ("name", "instance_id", "version", "description", "address", "apis", "brokers", "metadata", "check", "follows")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +191,7 @@ class RegisterRequest(_message.Message):
     BROKERS_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     CHECK_FIELD_NUMBER: _ClassVar[int]
+    FOLLOWS_FIELD_NUMBER: _ClassVar[int]
     name: str
     instance_id: str
     version: str
@@ -182,17 +201,20 @@ class RegisterRequest(_message.Message):
     brokers: _containers.RepeatedCompositeFieldContainer[Broker]
     metadata: _containers.ScalarMap[str, str]
     check: HealthCheck
-    def __init__(self, name: _Optional[str] = ..., instance_id: _Optional[str] = ..., version: _Optional[str] = ..., description: _Optional[str] = ..., address: _Optional[str] = ..., apis: _Optional[_Iterable[_Union[Api, _Mapping]]] = ..., brokers: _Optional[_Iterable[_Union[Broker, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., check: _Optional[_Union[HealthCheck, _Mapping]] = ...) -> None: ...
+    follows: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., instance_id: _Optional[str] = ..., version: _Optional[str] = ..., description: _Optional[str] = ..., address: _Optional[str] = ..., apis: _Optional[_Iterable[_Union[Api, _Mapping]]] = ..., brokers: _Optional[_Iterable[_Union[Broker, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., check: _Optional[_Union[HealthCheck, _Mapping]] = ..., follows: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("instance", "revision", "token")
+    __slots__ = ("instance", "revision", "token", "queues")
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
+    QUEUES_FIELD_NUMBER: _ClassVar[int]
     instance: Instance
     revision: int
     token: str
-    def __init__(self, instance: _Optional[_Union[Instance, _Mapping]] = ..., revision: _Optional[int] = ..., token: _Optional[str] = ...) -> None: ...
+    queues: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, instance: _Optional[_Union[Instance, _Mapping]] = ..., revision: _Optional[int] = ..., token: _Optional[str] = ..., queues: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DeregisterRequest(_message.Message):
     __slots__ = ("name", "instance_id", "token")
@@ -209,6 +231,86 @@ class DeregisterResponse(_message.Message):
     REVISION_FIELD_NUMBER: _ClassVar[int]
     revision: int
     def __init__(self, revision: _Optional[int] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("name", "instance_id", "token")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    instance_id: str
+    token: str
+    def __init__(self, name: _Optional[str] = ..., instance_id: _Optional[str] = ..., token: _Optional[str] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ("status", "ttl")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    TTL_FIELD_NUMBER: _ClassVar[int]
+    status: Status
+    ttl: _duration_pb2.Duration
+    def __init__(self, status: _Optional[_Union[Status, str]] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class DrainRequest(_message.Message):
+    __slots__ = ("name", "instance_id", "token")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    instance_id: str
+    token: str
+    def __init__(self, name: _Optional[str] = ..., instance_id: _Optional[str] = ..., token: _Optional[str] = ...) -> None: ...
+
+class DrainResponse(_message.Message):
+    __slots__ = ("revision",)
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    def __init__(self, revision: _Optional[int] = ...) -> None: ...
+
+class HistoryRequest(_message.Message):
+    __slots__ = ("name", "instance_id", "limit")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    instance_id: str
+    limit: int
+    def __init__(self, name: _Optional[str] = ..., instance_id: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ProbeResult(_message.Message):
+    __slots__ = ("healthy", "code", "error", "latency")
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_FIELD_NUMBER: _ClassVar[int]
+    healthy: bool
+    code: int
+    error: str
+    latency: _duration_pb2.Duration
+    def __init__(self, healthy: _Optional[bool] = ..., code: _Optional[int] = ..., error: _Optional[str] = ..., latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class Transition(_message.Message):
+    __slots__ = ("name", "instance_id", "from_status", "to_status", "time", "probe", "revision")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_STATUS_FIELD_NUMBER: _ClassVar[int]
+    TO_STATUS_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    PROBE_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    instance_id: str
+    from_status: Status
+    to_status: Status
+    time: _timestamp_pb2.Timestamp
+    probe: ProbeResult
+    revision: int
+    def __init__(self, name: _Optional[str] = ..., instance_id: _Optional[str] = ..., from_status: _Optional[_Union[Status, str]] = ..., to_status: _Optional[_Union[Status, str]] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., probe: _Optional[_Union[ProbeResult, _Mapping]] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class HistoryResponse(_message.Message):
+    __slots__ = ("transitions",)
+    TRANSITIONS_FIELD_NUMBER: _ClassVar[int]
+    transitions: _containers.RepeatedCompositeFieldContainer[Transition]
+    def __init__(self, transitions: _Optional[_Iterable[_Union[Transition, _Mapping]]] = ...) -> None: ...
 
 class ResolveRequest(_message.Message):
     __slots__ = ("name", "min_revision")

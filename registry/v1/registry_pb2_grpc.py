@@ -59,6 +59,21 @@ class RegistryStub:
                 request_serializer=registry_dot_v1_dot_registry__pb2.WatchRequest.SerializeToString,
                 response_deserializer=registry_dot_v1_dot_registry__pb2.WatchResponse.FromString,
                 _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/registry.v1.Registry/Heartbeat',
+                request_serializer=registry_dot_v1_dot_registry__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=registry_dot_v1_dot_registry__pb2.HeartbeatResponse.FromString,
+                _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/registry.v1.Registry/Drain',
+                request_serializer=registry_dot_v1_dot_registry__pb2.DrainRequest.SerializeToString,
+                response_deserializer=registry_dot_v1_dot_registry__pb2.DrainResponse.FromString,
+                _registered_method=True)
+        self.History = channel.unary_unary(
+                '/registry.v1.Registry/History',
+                request_serializer=registry_dot_v1_dot_registry__pb2.HistoryRequest.SerializeToString,
+                response_deserializer=registry_dot_v1_dot_registry__pb2.HistoryResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServicer:
@@ -94,7 +109,27 @@ class RegistryServicer:
 
     def Watch(self, request, context):
         """Optional snapshot, then every event after a revision, then live events.
-        Heartbeat and Drain join this service with health probing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Heartbeat(self, request, context):
+        """Renews an instance with a TTL check; needs its token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drain(self, request, context):
+        """Marks an instance DRAINING (it is never resolved again); needs its token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def History(self, request, context):
+        """The recorded status transitions of a name or of one instance.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -127,6 +162,21 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=registry_dot_v1_dot_registry__pb2.WatchRequest.FromString,
                     response_serializer=registry_dot_v1_dot_registry__pb2.WatchResponse.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=registry_dot_v1_dot_registry__pb2.HeartbeatRequest.FromString,
+                    response_serializer=registry_dot_v1_dot_registry__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=registry_dot_v1_dot_registry__pb2.DrainRequest.FromString,
+                    response_serializer=registry_dot_v1_dot_registry__pb2.DrainResponse.SerializeToString,
+            ),
+            'History': grpc.unary_unary_rpc_method_handler(
+                    servicer.History,
+                    request_deserializer=registry_dot_v1_dot_registry__pb2.HistoryRequest.FromString,
+                    response_serializer=registry_dot_v1_dot_registry__pb2.HistoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +314,87 @@ class Registry:
             '/registry.v1.Registry/Watch',
             registry_dot_v1_dot_registry__pb2.WatchRequest.SerializeToString,
             registry_dot_v1_dot_registry__pb2.WatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/registry.v1.Registry/Heartbeat',
+            registry_dot_v1_dot_registry__pb2.HeartbeatRequest.SerializeToString,
+            registry_dot_v1_dot_registry__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/registry.v1.Registry/Drain',
+            registry_dot_v1_dot_registry__pb2.DrainRequest.SerializeToString,
+            registry_dot_v1_dot_registry__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def History(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/registry.v1.Registry/History',
+            registry_dot_v1_dot_registry__pb2.HistoryRequest.SerializeToString,
+            registry_dot_v1_dot_registry__pb2.HistoryResponse.FromString,
             options,
             channel_credentials,
             insecure,
