@@ -59,15 +59,25 @@ def check_to_pb(check: HealthCheck) -> pb.HealthCheck:
         timeout=_duration(check.timeout_seconds),
         failure_threshold=check.failure_threshold or 0,
         success_threshold=check.success_threshold or 0,
+        deregister_after=_duration(check.deregister_after_seconds),
     )
     if check.kind is CheckKind.HTTP:
         message.http.CopyFrom(
-            pb.HttpCheck(path=check.path, api=check.api, https=check.https)
+            pb.HttpCheck(
+                path=check.path,
+                api=check.api,
+                https=check.https,
+                follow_redirects=check.follow_redirects,
+            )
         )
     elif check.kind is CheckKind.GRPC:
         message.grpc.CopyFrom(pb.GrpcCheck(api=check.api, service=check.service))
     elif check.kind is CheckKind.TCP:
         message.tcp.CopyFrom(pb.TcpCheck(api=check.api))
+    elif check.kind is CheckKind.KUBERNETES:
+        message.kubernetes.CopyFrom(
+            pb.KubernetesCheck(namespace=check.namespace, pod=check.pod)
+        )
     else:
         message.ttl.CopyFrom(pb.TtlCheck(ttl=_duration(check.ttl_seconds)))
     return message

@@ -31,6 +31,7 @@ class CheckKind(enum.StrEnum):
     GRPC = "grpc"
     TCP = "tcp"
     TTL = "ttl"
+    KUBERNETES = "kubernetes"
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,11 +59,17 @@ class HealthCheck:
     # Name of the API whose port is probed (HTTP, GRPC, TCP).
     api: str = ""
     https: bool = False
+    follow_redirects: bool = False
+    # The pod whose readiness is read (KUBERNETES).
+    namespace: str = ""
+    pod: str = ""
     ttl_seconds: float | None = None
     interval_seconds: float | None = None
     timeout_seconds: float | None = None
     failure_threshold: int | None = None
     success_threshold: int | None = None
+    # How long INACTIVE before deregistration; 0 keeps the instance forever.
+    deregister_after_seconds: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +85,8 @@ class Registration:
     brokers: tuple[Broker, ...] = ()
     metadata: dict[str, str] = field(default_factory=dict)
     check: HealthCheck | None = None
+    # Names whose registry events the instance wants on a queue of its own.
+    follows: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,6 +56,9 @@ MIN_TIMEOUT_SECONDS = 0.1
 MAX_TIMEOUT_SECONDS = 60.0
 MIN_TTL_SECONDS = 1.0
 MAX_TTL_SECONDS = 3600.0
+MIN_DEREGISTER_AFTER_SECONDS = 1.0
+MAX_DEREGISTER_AFTER_SECONDS = 30 * 24 * 3600.0
+MAX_FOLLOWS = 64
 MIN_THRESHOLD = 1
 MAX_THRESHOLD = 100
 
@@ -73,7 +76,7 @@ _NAME_RULE = (
     f"use 1-{MAX_NAME_LENGTH} characters of a-z, 0-9 and '-', "
     "starting and ending with a letter or digit"
 )
-_CHECK_KINDS = "check.http, check.grpc, check.tcp or check.ttl"
+_CHECK_KINDS = "check.http, check.grpc, check.tcp, check.ttl or check.kubernetes"
 
 
 def validate_name(field: str, value: str) -> str:
@@ -131,6 +134,7 @@ def validate_registration(
     check = None
     if request.HasField("check"):
         check = _validate_check(request.check, apis)
+    follows = _validate_follows(request.follows)
 
     # Only a request known to be good is given an id.
     if not instance_id:
@@ -146,7 +150,24 @@ def validate_registration(
         brokers=brokers,
         metadata=metadata,
         check=check,
+        follows=follows,
     )
+
+
+def _validate_follows(given: Iterable[str]) -> tuple[str, ...]:
+    names = list(given)
+    if len(names) > MAX_FOLLOWS:
+        raise InvalidArgument(
+            f"follows: {len(names)} names is too many; "
+            f"at most {MAX_FOLLOWS} are allowed"
+        )
+    seen: set[str] = set()
+    for index, name in enumerate(names):
+        validate_name(f"follows[{index}]", name)
+        if name in seen:
+            raise InvalidArgument(f"follows[{index}]: {name!r} is listed twice")
+        seen.add(name)
+    return tuple(names)
 
 
 def _validate_address(field: str, value: str) -> str:
@@ -377,17 +398,24 @@ def _validate_check(
     # The fields of the chosen kind; the oneof's field names are CheckKind values.
     api_names = [api.name for api in apis]
     path = service = api = ""
-    https = False
+    https = follow_redirects = False
+    namespace = pod = ""
     ttl = None
     if kind == "http":
         path = _validate_http_path("check.http.path", check.http.path)
         api = _validate_check_api("check.http.api", check.http.api, api_names)
         https = bool(check.http.https)
+        follow_redirects = bool(check.http.follow_redirects)
     elif kind == "grpc":
         api = _validate_check_api("check.grpc.api", check.grpc.api, api_names)
         service = _validate_grpc_service("check.grpc.service", check.grpc.service)
     elif kind == "tcp":
         api = _validate_check_api("check.tcp.api", check.tcp.api, api_names)
+    elif kind == "kubernetes":
+        namespace = validate_name(
+            "check.kubernetes.namespace", check.kubernetes.namespace
+        )
+        pod = _validate_pod_name("check.kubernetes.pod", check.kubernetes.pod)
     else:
         ttl = _optional_seconds(
             "check.ttl.ttl", check.ttl, "ttl", MIN_TTL_SECONDS, MAX_TTL_SECONDS
@@ -417,6 +445,18 @@ def _validate_check(
     success_threshold = _optional_threshold(
         "check.success_threshold", check.success_threshold
     )
+    deregister_after = None
+    if check.HasField("deregister_after") and check.deregister_after.ToNanoseconds():
+        deregister_after = _optional_seconds(
+            "check.deregister_after",
+            check,
+            "deregister_after",
+            MIN_DEREGISTER_AFTER_SECONDS,
+            MAX_DEREGISTER_AFTER_SECONDS,
+        )
+    elif check.HasField("deregister_after"):
+        # Set to zero: keep the instance however long it stays inactive.
+        deregister_after = 0.0
 
     return model.HealthCheck(
         kind=model.CheckKind(kind),
@@ -424,12 +464,30 @@ def _validate_check(
         service=service,
         api=api,
         https=https,
+        follow_redirects=follow_redirects,
+        namespace=namespace,
+        pod=pod,
         ttl_seconds=ttl,
         interval_seconds=interval,
         timeout_seconds=timeout,
         failure_threshold=failure_threshold,
         success_threshold=success_threshold,
+        deregister_after_seconds=deregister_after,
     )
+
+
+def _validate_pod_name(field: str, value: str) -> str:
+    """A DNS subdomain (RFC 1123), as Kubernetes names pods."""
+    if not 0 < len(value) <= MAX_HOST_NAME_LENGTH:
+        raise InvalidArgument(
+            f"{field}: {len(value)} characters; a pod name has 1-{MAX_HOST_NAME_LENGTH}"
+        )
+    if not all(_DNS_LABEL.fullmatch(label) for label in value.split(".")):
+        raise InvalidArgument(
+            f"{field}: {value!r} is not a pod name; use lowercase letters, digits, "
+            "'-' and '.', starting and ending with a letter or digit"
+        )
+    return value
 
 
 def _optional_seconds(

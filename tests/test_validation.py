@@ -632,3 +632,68 @@ def test_register_accepts_threshold_or_zero_for_default(
 def test_register_rejects_threshold_out_of_range(field: str, value: int) -> None:
     request = _check(tcp=pb.TcpCheck(), **{field: value})
     _assert_rejected(request, f"check.{field}")
+
+
+def test_register_converts_kubernetes_check() -> None:
+    check = pb.KubernetesCheck(namespace="shop", pod="orders-7d9f-x2k.v1")
+    registration = _register(_check(kubernetes=check))
+    assert registration.check == model.HealthCheck(
+        kind=model.CheckKind.KUBERNETES, namespace="shop", pod="orders-7d9f-x2k.v1"
+    )
+
+
+@pytest.mark.parametrize(
+    ("check", "field"),
+    [
+        (pb.KubernetesCheck(namespace="Shop", pod="p"), "check.kubernetes.namespace"),
+        (pb.KubernetesCheck(namespace="shop", pod=""), "check.kubernetes.pod"),
+        (pb.KubernetesCheck(namespace="shop", pod="Pod_1"), "check.kubernetes.pod"),
+    ],
+)
+def test_register_rejects_invalid_kubernetes_check(
+    check: pb.KubernetesCheck, field: str
+) -> None:
+    _assert_rejected(_check(kubernetes=check), field)
+
+
+def test_register_keeps_http_redirect_choice() -> None:
+    http = pb.HttpCheck(path="/healthz", follow_redirects=True)
+    registration = _register(_check(http=http))
+    assert registration.check is not None
+    assert registration.check.follow_redirects
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"), [(None, None), (0.0, 0.0), (600.0, 600.0)]
+)
+def test_register_reads_deregister_after(
+    given: float | None, expected: float | None
+) -> None:
+    fields: dict[str, Any] = {"tcp": pb.TcpCheck(api="grpc")}
+    if given is not None:
+        fields["deregister_after"] = _duration(given)
+    registration = _register(_check(**fields))
+    assert registration.check is not None
+    assert registration.check.deregister_after_seconds == expected
+
+
+def test_register_rejects_deregister_after_out_of_range() -> None:
+    request = _check(tcp=pb.TcpCheck(api="grpc"), deregister_after=_duration(0.5))
+    _assert_rejected(request, "check.deregister_after")
+
+
+def test_register_keeps_follows() -> None:
+    registration = _register(_request(follows=["billing", "orders"]))
+    assert registration.follows == ("billing", "orders")
+
+
+@pytest.mark.parametrize(
+    ("follows", "field"),
+    [
+        (["Billing"], "follows[0]"),
+        (["billing", "billing"], "follows[1]"),
+        ([f"n{i}" for i in range(65)], "follows"),
+    ],
+)
+def test_register_rejects_invalid_follows(follows: list[str], field: str) -> None:
+    _assert_rejected(_request(follows=follows), field)
