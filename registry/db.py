@@ -85,6 +85,18 @@ async def _init_connection(conn: Connection) -> None:
     )
 
 
+async def _keep_session(conn: Connection) -> None:
+    """What a connection going back to the pool needs undone: nothing.
+
+    asyncpg's default reset sends one more query at every release (unlock
+    advisory locks, close cursors, UNLISTEN, RESET ALL), which doubles the
+    round trips of a one-query read. The registry leaves no session state on
+    pooled connections: its advisory locks are transaction-scoped, its
+    settings SET LOCAL, and LISTEN has a connection of its own. asyncpg still
+    rolls back a transaction left open before it calls this.
+    """
+
+
 async def _to_completion(step: Awaitable[object]) -> None:
     """Await `step` to its end even if cancelled meanwhile, then let the
     cancellation through: a half-done commit, rollback or release would
@@ -95,6 +107,16 @@ async def _to_completion(step: Awaitable[object]) -> None:
     except asyncio.CancelledError:
         await task
         raise
+
+
+async def _release(pool: asyncpg.Pool, conn: Connection) -> None:
+    try:
+        await pool.release(conn)
+    except asyncpg.InternalClientError:
+        # The connection was lost between release() and its task running:
+        # asyncpg has already given it back to the pool, and says so this
+        # way. Raised on, it would end the replica over a lost connection.
+        log.debug("connection lost while being released")
 
 
 class Database:
@@ -127,6 +149,7 @@ class Database:
                         timeout=connect_timeout,
                         command_timeout=command_timeout,
                         init=_init_connection,
+                        reset=_keep_session,
                     )
                 break
             except Unavailable as exc:
@@ -158,7 +181,7 @@ class Database:
             try:
                 return await operation(conn)
             finally:
-                await _to_completion(pool.release(conn))
+                await _to_completion(_release(pool, conn))
 
         with mapped_errors():
             return cast(T, await trio_asyncio.aio_as_trio(unit)())
@@ -186,7 +209,7 @@ class Database:
                 await _to_completion(tx.commit())
                 return result
             finally:
-                await _to_completion(pool.release(conn))
+                await _to_completion(_release(pool, conn))
 
         with mapped_errors():
             return cast(T, await trio_asyncio.aio_as_trio(unit)())
