@@ -1,0 +1,399 @@
+"""The ops endpoint as Prometheus and Kubernetes use it: /metrics scraped
+with a real HTTP client and read with prometheus-client's own parser,
+/healthz and /readyz through a replica's start, a Postgres that goes away
+(cut by a TCP proxy the test controls) and comes back."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import urllib.parse
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import replace
+
+import grpc
+import httpx
+import pytest
+import trio
+import trio.testing
+from prometheus_client.parser import text_string_to_metric_families
+
+from harness import (
+    TEST_CONFIG,
+    WAIT,
+    grpc_client,
+    registration,
+    start_replica,
+    watch_stream,
+)
+from registry._grpc import ServeError
+from registry.app import Replica
+from registry.ops import OpsServer
+from registry.v1 import registry_pb2 as pb
+
+REGISTRY = "registry.v1.Registry"
+
+
+class Scrape:
+    """One /metrics answer, parsed: the value of each sample by name and
+    labels."""
+
+    def __init__(self, text: str) -> None:
+        self.samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                key = (sample.name, frozenset(sample.labels.items()))
+                self.samples[key] = sample.value
+
+    def __call__(self, name: str, **labels: str) -> float:
+        return self.samples[name, frozenset(labels.items())]
+
+    def has(self, name: str) -> bool:
+        return any(sample_name == name for sample_name, _ in self.samples)
+
+
+async def get(port: int, path: str) -> httpx.Response:
+    async with httpx.AsyncClient(timeout=WAIT) as client:
+        return await client.get(f"http://127.0.0.1:{port}{path}")
+
+
+async def scrape(replica: Replica) -> Scrape:
+    assert replica.ops.port
+    response = await get(replica.ops.port, "/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    return Scrape(response.text)
+
+
+def on_port(name: str, instance_id: str, port: int) -> pb.RegisterRequest:
+    request = registration(name, instance_id)
+    request.apis[0].port = port
+    return request
+
+
+def rpc(method: str, code: str = "OK") -> Mapping[str, str]:
+    kind = "server_stream" if method == "Watch" else "unary"
+    return {
+        "grpc_type": kind,
+        "grpc_service": REGISTRY,
+        "grpc_method": method,
+        "grpc_code": code,
+    }
+
+
+async def test_metrics_count_rpcs_events_instances_and_watchers_after_a_run(
+    nursery: trio.Nursery, database_url: str
+) -> None:
+    replica = await start_replica(nursery, database_url)
+    assert replica.port is not None
+    async with grpc_client(replica.port) as client:
+        registered = [
+            await client.call("Register", on_port(name, instance_id, port))
+            for name, instance_id, port in [
+                ("billing", "b-1", 8101),
+                ("billing", "b-2", 8102),
+                ("orders", "o-1", 8103),
+            ]
+        ]
+        gone = await client.call(
+            "Deregister",
+            pb.DeregisterRequest(
+                name="orders", instance_id="o-1", token=registered[2].token
+            ),
+        )
+        with pytest.raises(grpc.RpcError) as missing:
+            await client.call("Resolve", pb.ResolveRequest(name="payments"))
+        assert missing.value.code() is grpc.StatusCode.NOT_FOUND
+
+        async with watch_stream(client.stub, pb.WatchRequest(snapshot=True)) as watch:
+            await watch.snapshot()
+            # The notifier has fanned out every event of the run.
+            with trio.fail_after(WAIT):
+                await replica.hub.wait_for(gone.revision)
+            metrics = await scrape(replica)
+
+    # Every call, by method and status code, with its latency.
+    assert metrics("grpc_server_handled_total", **rpc("Register")) == 3
+    assert metrics("grpc_server_handled_total", **rpc("Deregister")) == 1
+    assert metrics("grpc_server_handled_total", **rpc("Resolve", "NOT_FOUND")) == 1
+    unary_register = {k: v for k, v in rpc("Register").items() if k != "grpc_code"}
+    assert metrics("grpc_server_handling_seconds_count", **unary_register) == 3
+    assert metrics("grpc_server_handling_seconds_sum", **unary_register) > 0
+    watch_labels = {k: v for k, v in rpc("Watch").items() if k != "grpc_code"}
+    # Still open: started, not yet handled.
+    assert metrics("grpc_server_started_total", **watch_labels) == 1
+    assert metrics("grpc_server_handled_total", **rpc("Watch")) == 0
+    # Methods never called show at zero.
+    assert metrics("grpc_server_handled_total", **rpc("List")) == 0
+
+    # The log and its fan-out.
+    assert metrics("registry_revision") == gone.revision == 4
+    assert metrics("registry_notifier_revision") == 4
+    assert metrics("registry_notifier_lag_revisions") == 0
+    assert metrics("registry_events_total", type="registered") == 3
+    assert metrics("registry_events_total", type="deregistered") == 1
+    assert metrics("registry_events_total", type="status_changed") == 0
+    assert metrics("registry_watch_streams") == 1
+
+    # What is registered, by status.
+    assert metrics("registry_instances", status="active") == 2
+    for status in ("pending", "inactive", "draining"):
+        assert metrics("registry_instances", status=status) == 0
+    assert metrics("registry_database_up") == 1
+
+    # No instance has a health check: no probe ran, of any kind.
+    assert metrics("registry_probes_total", kind="http") == 0
+    assert metrics("registry_probe_failures_total", kind="tcp") == 0
+    # The guard, the outbox and the process are there for dashboards.
+    for name in (
+        "registry_mass_failure_guard_active",
+        "registry_outbox_backlog",
+        "registry_outbox_publish_failures_total",
+    ):
+        assert metrics.has(name), name
+    assert metrics.has("process_resident_memory_bytes")
+
+    # The stream has ended: the gauge follows.
+    assert (await scrape(replica))("registry_watch_streams") == 0
+    replica.stop()
+
+
+async def test_metrics_of_two_replicas_in_one_process_stay_apart(
+    nursery: trio.Nursery, database_url: str
+) -> None:
+    writer = await start_replica(nursery, database_url)
+    reader = await start_replica(nursery, database_url)
+    assert writer.port is not None
+    async with grpc_client(writer.port) as client:
+        registered = await client.call("Register", registration())
+    with trio.fail_after(WAIT):
+        await reader.hub.wait_for(registered.revision)
+        await writer.hub.wait_for(registered.revision)
+
+    written, read = await scrape(writer), await scrape(reader)
+    assert written("grpc_server_handled_total", **rpc("Register")) == 1
+    assert read("grpc_server_handled_total", **rpc("Register")) == 0
+    # Every replica's notifier reads every event, whoever wrote it.
+    assert written("registry_events_total", type="registered") == 1
+    assert read("registry_events_total", type="registered") == 1
+    writer.stop()
+    reader.stop()
+
+
+# --- readiness ---------------------------------------------------------------
+
+
+class TcpProxy:
+    """A TCP proxy in front of Postgres that the test opens and cuts."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._target = (host, port)
+        self.open = False
+        self._links: set[trio.CancelScope] = set()
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        try:
+            task_status.started(listeners[0].socket.getsockname()[1])
+            await trio.serve_listeners(self._link, listeners)
+        finally:
+            for listener in listeners:
+                await listener.aclose()
+
+    def cut(self) -> None:
+        """Close every connection through the proxy and refuse new ones."""
+        self.open = False
+        for link in self._links:
+            link.cancel()
+
+    async def _link(self, client: trio.SocketStream) -> None:
+        async with client:
+            if not self.open:
+                return
+            server = await trio.open_tcp_stream(*self._target)
+            async with server:
+                with trio.CancelScope() as link:
+                    self._links.add(link)
+                    try:
+                        async with trio.open_nursery() as pipes:
+                            pipes.start_soon(_pipe, client, server, pipes.cancel_scope)
+                            pipes.start_soon(_pipe, server, client, pipes.cancel_scope)
+                    finally:
+                        self._links.discard(link)
+
+
+async def _pipe(
+    source: trio.SocketStream, sink: trio.SocketStream, done: trio.CancelScope
+) -> None:
+    try:
+        async for chunk in source:
+            await sink.send_all(chunk)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    done.cancel()
+
+
+@asynccontextmanager
+async def postgres_proxy(
+    nursery: trio.Nursery, database_url: str
+) -> AsyncIterator[tuple[TcpProxy, str]]:
+    """A proxy to the test's Postgres, closed at first, and the database URL
+    that goes through it."""
+    parts = urllib.parse.urlsplit(database_url)
+    assert parts.hostname and parts.port, "the tests' Postgres must listen on TCP"
+    proxy = TcpProxy(parts.hostname, parts.port)
+    port = await nursery.start(proxy.serve)
+    netloc = parts.netloc.rsplit("@", 1)
+    host = f"127.0.0.1:{port}"
+    proxied = parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host)
+    yield proxy, urllib.parse.urlunsplit(proxied)
+
+
+async def test_readyz_says_not_ready_until_started_and_while_postgres_is_cut(
+    nursery: trio.Nursery, database_url: str
+) -> None:
+    async with postgres_proxy(nursery, database_url) as (proxy, proxied_url):
+        replica = Replica(TEST_CONFIG, proxied_url)
+        ready = trio.Event()
+
+        async def run() -> None:
+            await nursery.start(replica.run)
+            ready.set()
+
+        nursery.start_soon(run)
+        with trio.fail_after(WAIT):
+            await replica.ops_started.wait()
+        assert replica.ops.port
+
+        # Up before Postgres answers: alive, not ready, and saying why.
+        alive = await get(replica.ops.port, "/healthz")
+        assert (alive.status_code, alive.text) == (200, "ok\n")
+        starting = await get(replica.ops.port, "/readyz")
+        assert starting.status_code == 503
+        assert starting.text == "not ready: waiting for the database\n"
+        assert (await scrape(replica))("registry_database_up") == 0
+
+        proxy.open = True
+        with trio.fail_after(WAIT):
+            await ready.wait()
+        serving = await get(replica.ops.port, "/readyz")
+        assert (serving.status_code, serving.text) == (200, "ready\n")
+
+        proxy.cut()
+        cut = await get(replica.ops.port, "/readyz")
+        assert cut.status_code == 503
+        assert cut.text.startswith("not ready: database unavailable"), cut.text
+        assert (await scrape(replica))("registry_database_up") == 0
+        assert (await get(replica.ops.port, "/healthz")).status_code == 200
+
+        proxy.open = True
+        back = await get(replica.ops.port, "/readyz")
+        assert (back.status_code, back.text) == (200, "ready\n")
+        replica.stop()
+
+
+class _Waiting(logging.Handler):
+    """Set `logged` once a record says its call waits for a revision."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.logged = trio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("waiting for revision"):
+            self.logged.set()
+
+
+async def test_readyz_is_not_ready_while_draining(
+    nursery: trio.Nursery, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    replica = await start_replica(nursery, database_url, drain_grace=WAIT)
+    assert replica.port is not None and replica.ops.port
+    caplog.set_level(logging.DEBUG, logger="registry.service")
+    waiting = _Waiting()
+    logging.getLogger("registry.service").addHandler(waiting)
+    try:
+        async with grpc_client(replica.port) as client:
+            # A call in flight holds the drain open: it waits for a revision
+            # that nobody writes.
+            pending = client.stub.List.future(
+                pb.ListRequest(min_revision=1), timeout=WAIT
+            )
+            with trio.fail_after(WAIT):
+                await waiting.logged.wait()
+            replica.stop()
+            await trio.testing.wait_all_tasks_blocked()
+            draining = await get(replica.ops.port, "/readyz")
+            assert (draining.status_code, draining.text) == (
+                503,
+                "not ready: the replica is draining\n",
+            )
+            pending.cancel()
+    finally:
+        logging.getLogger("registry.service").removeHandler(waiting)
+
+
+async def _never_ready() -> str | None:
+    return "a test server"
+
+
+async def _no_metrics(accept: str) -> tuple[bytes, str]:
+    return b"", "text/plain"
+
+
+async def test_ops_endpoint_answers_unknown_paths_and_methods_plainly(
+    nursery: trio.Nursery,
+) -> None:
+    ops = OpsServer(
+        host="127.0.0.1", port=0, readiness=_never_ready, metrics=_no_metrics
+    )
+    port = await nursery.start(ops.serve)
+    missing = await get(port, "/nothing")
+    assert missing.status_code == 404
+    assert "/metrics" in missing.text
+    async with httpx.AsyncClient(timeout=WAIT) as client:
+        posted = await client.post(f"http://127.0.0.1:{port}/metrics")
+    assert posted.status_code == 405
+    assert posted.headers["allow"] == "GET, HEAD"
+    not_ready = await get(port, "/readyz")
+    assert (not_ready.status_code, not_ready.text) == (
+        503,
+        "not ready: a test server\n",
+    )
+    nursery.cancel_scope.cancel()
+
+
+async def test_ops_endpoint_on_a_port_in_use_fails_with_serve_error(
+    nursery: trio.Nursery,
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        ops = OpsServer(
+            host="127.0.0.1", port=port, readiness=_never_ready, metrics=_no_metrics
+        )
+        with pytest.raises(ServeError, match=f"127.0.0.1:{port} for the ops endpoint"):
+            await nursery.start(ops.serve)
+
+
+async def test_replica_with_the_ops_port_taken_does_not_start(
+    nursery: trio.Nursery,
+) -> None:
+    # The ops endpoint starts before the database is reached: none is needed.
+    unreachable = "postgresql://postgres@127.0.0.1:1/none"
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        config = replace(TEST_CONFIG, ops_port=taken.getsockname()[1])
+        with pytest.raises(BaseExceptionGroup) as raised:
+            await nursery.start(Replica(config, unreachable).run)
+    failed, _ = raised.value.split(ServeError)
+    assert failed is not None
+    # What `registry serve` prints names the setting to change.
+    assert "REGISTRY_OPS_PORT" in str(_leaf(failed))
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
