@@ -45,6 +45,11 @@ CREATE TABLE IF NOT EXISTS registry.instances (
     revision bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (name, instance_id)
 );
+-- Names whose registry events the instance receives on its events queue
+-- (RabbitMQ), and that queue's name; added after the first release.
+ALTER TABLE registry.instances
+    ADD COLUMN IF NOT EXISTS follows jsonb NOT NULL DEFAULT '[]',
+    ADD COLUMN IF NOT EXISTS events_queue text NOT NULL DEFAULT '';
 
 CREATE TABLE IF NOT EXISTS registry.events (
     revision bigint PRIMARY KEY,
@@ -142,7 +147,8 @@ CREATE TRIGGER record_event
 CREATE OR REPLACE FUNCTION registry.put_instance(
     p_name text, p_instance_id text, p_status text, p_address text,
     p_version text, p_description text, p_apis jsonb, p_brokers jsonb,
-    p_metadata jsonb, p_health_check jsonb, p_token_hash bytea
+    p_metadata jsonb, p_health_check jsonb, p_token_hash bytea,
+    p_follows jsonb, p_events_queue text
 ) RETURNS registry.instances
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -153,7 +159,8 @@ BEGIN
         SET generation = generation + 1, status = p_status, address = p_address,
             version = p_version, description = p_description, apis = p_apis,
             brokers = p_brokers, metadata = p_metadata,
-            health_check = p_health_check, token_hash = p_token_hash
+            health_check = p_health_check, token_hash = p_token_hash,
+            follows = p_follows, events_queue = p_events_queue
         WHERE name = p_name AND instance_id = p_instance_id
         RETURNING * INTO stored;
         IF FOUND THEN
@@ -162,10 +169,10 @@ BEGIN
         BEGIN
             INSERT INTO registry.instances (name, instance_id, status, address,
                 version, description, apis, brokers, metadata, health_check,
-                token_hash)
+                token_hash, follows, events_queue)
             VALUES (p_name, p_instance_id, p_status, p_address, p_version,
                 p_description, p_apis, p_brokers, p_metadata, p_health_check,
-                p_token_hash)
+                p_token_hash, p_follows, p_events_queue)
             RETURNING * INTO stored;
             RETURN stored;
         EXCEPTION WHEN unique_violation THEN
@@ -174,6 +181,18 @@ BEGIN
         END;
     END LOOP;
 END;
+$$;
+
+-- The signature from before follows, for SQL callers: follows nothing.
+CREATE OR REPLACE FUNCTION registry.put_instance(
+    p_name text, p_instance_id text, p_status text, p_address text,
+    p_version text, p_description text, p_apis jsonb, p_brokers jsonb,
+    p_metadata jsonb, p_health_check jsonb, p_token_hash bytea
+) RETURNS registry.instances
+LANGUAGE sql AS $$
+    SELECT * FROM registry.put_instance(p_name, p_instance_id, p_status,
+        p_address, p_version, p_description, p_apis, p_brokers, p_metadata,
+        p_health_check, p_token_hash, '[]', '');
 $$;
 
 -- For SQL consumers: what Resolve answers, one row per instance.
@@ -197,3 +216,151 @@ CREATE OR REPLACE VIEW registry.instance_brokers AS
     FROM registry.instances AS i,
          jsonb_to_recordset(i.brokers)
              AS b(exchange text, routing_key text, type text, queue text);
+
+-- Health probing. One row per instance with a health check, kept in step with
+-- registry.instances by the trigger below: a new generation (or a changed
+-- check) starts the row afresh, due at once; removing the check or the
+-- instance removes it. Replicas share the probing through these rows: each
+-- claims due rows with FOR UPDATE SKIP LOCKED and a lease, probes, and
+-- records the outcome and any status change in one transaction.
+CREATE TABLE IF NOT EXISTS registry.probes (
+    name text NOT NULL,
+    instance_id text NOT NULL,
+    -- The generation the counters belong to; a probe of another is dropped.
+    generation bigint NOT NULL,
+    next_due timestamptz NOT NULL DEFAULT now(),
+    -- The claim (replica and batch) holding the row, and until when.
+    lease_owner text,
+    lease_expires timestamptz,
+    -- Consecutive outcomes; one of the two is 0.
+    successes integer NOT NULL DEFAULT 0,
+    failures integer NOT NULL DEFAULT 0,
+    -- Since when the instance is down (failure threshold reached, no
+    -- recovery since): deregister-after counts from here.
+    down_since timestamptz,
+    -- TTL checks: the instance must heartbeat before this.
+    ttl_deadline timestamptz,
+    -- The last probe's outcome.
+    last_probe_at timestamptz,
+    last_healthy boolean,
+    last_code integer,
+    last_error text,
+    last_latency_ms double precision,
+    PRIMARY KEY (name, instance_id),
+    FOREIGN KEY (name, instance_id) REFERENCES registry.instances (name, instance_id)
+        ON DELETE CASCADE
+);
+CREATE INDEX IF NOT EXISTS probes_next_due ON registry.probes (next_due);
+-- The rows in flight: few, however many instances there are.
+CREATE INDEX IF NOT EXISTS probes_leased ON registry.probes (lease_expires)
+    WHERE lease_expires IS NOT NULL;
+
+CREATE OR REPLACE FUNCTION registry.sync_probe() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    ttl interval;
+BEGIN
+    IF TG_OP = 'UPDATE' AND OLD.generation = NEW.generation
+       AND OLD.health_check IS NOT DISTINCT FROM NEW.health_check THEN
+        RETURN NULL;
+    END IF;
+    IF NEW.health_check IS NULL THEN
+        DELETE FROM registry.probes
+        WHERE name = NEW.name AND instance_id = NEW.instance_id;
+        RETURN NULL;
+    END IF;
+    -- A TTL check's first heartbeat is due one TTL after registration.
+    IF NEW.health_check->>'kind' = 'ttl' THEN
+        ttl := make_interval(secs => (NEW.health_check->>'ttl_seconds')::float8);
+    END IF;
+    INSERT INTO registry.probes (name, instance_id, generation, next_due,
+                                 ttl_deadline)
+    VALUES (NEW.name, NEW.instance_id, NEW.generation, now() + coalesce(ttl, '0'),
+            now() + ttl)
+    ON CONFLICT (name, instance_id) DO UPDATE
+    SET generation = EXCLUDED.generation, next_due = EXCLUDED.next_due,
+        ttl_deadline = EXCLUDED.ttl_deadline, lease_owner = NULL,
+        lease_expires = NULL, successes = 0, failures = 0, down_since = NULL,
+        last_probe_at = NULL, last_healthy = NULL, last_code = NULL,
+        last_error = NULL, last_latency_ms = NULL;
+    RETURN NULL;
+END;
+$$;
+
+DROP TRIGGER IF EXISTS sync_probe ON registry.instances;
+CREATE TRIGGER sync_probe
+    AFTER INSERT OR UPDATE ON registry.instances
+    FOR EACH ROW EXECUTE FUNCTION registry.sync_probe();
+
+-- Instances registered before probing existed.
+INSERT INTO registry.probes (name, instance_id, generation)
+    SELECT name, instance_id, generation FROM registry.instances
+    WHERE health_check IS NOT NULL
+ON CONFLICT DO NOTHING;
+
+-- Every status change of an instance with its cause: the probe that made it
+-- (probe_* columns), or none for a change the service asked for (Drain).
+-- Kept for the history retention window, then compacted by the janitor.
+CREATE TABLE IF NOT EXISTS registry.transitions (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name text NOT NULL,
+    instance_id text NOT NULL,
+    generation bigint NOT NULL,
+    from_status text NOT NULL,
+    to_status text NOT NULL,
+    -- The revision of the status_changed event.
+    revision bigint NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    probe_healthy boolean,
+    probe_code integer,
+    probe_error text,
+    probe_latency_ms double precision
+);
+CREATE INDEX IF NOT EXISTS transitions_instance
+    ON registry.transitions (name, instance_id, id);
+CREATE INDEX IF NOT EXISTS transitions_created_at
+    ON registry.transitions (created_at);
+
+-- Ports held on each address (local and remote port modes). The primary key
+-- is what makes a port go to one instance only, whatever the replicas do at
+-- the same moment; registrations on one address also take turns (an advisory
+-- lock, see store.put_instance), so that they never wait on each other's
+-- uncommitted rows. A new generation replaces its instance's rows in the
+-- transaction that stores it; deregistration drops them (ON DELETE CASCADE).
+CREATE TABLE IF NOT EXISTS registry.ports (
+    -- As registered; IP addresses in their canonical form.
+    address text NOT NULL,
+    port integer NOT NULL CHECK (port BETWEEN 1 AND 65535),
+    name text NOT NULL,
+    instance_id text NOT NULL,
+    -- The API of that instance which holds the port.
+    api text NOT NULL,
+    PRIMARY KEY (address, port),
+    -- Checked at commit: a first registration writes its ports before the
+    -- instance's row (see store.put_instance).
+    FOREIGN KEY (name, instance_id) REFERENCES registry.instances (name, instance_id)
+        ON DELETE CASCADE DEFERRABLE INITIALLY DEFERRED
+);
+CREATE INDEX IF NOT EXISTS ports_instance ON registry.ports (name, instance_id);
+
+-- The RabbitMQ outbox: every event up to `published` has been published to
+-- the events exchange. One row, so that one replica at a time publishes, in
+-- revision order: a replica claims the row with FOR UPDATE SKIP LOCKED,
+-- publishes the next events with publisher confirms, moves `published` on and
+-- commits; the others skip it meanwhile. A registry that had events before
+-- the outbox existed starts publishing from its newest revision.
+CREATE TABLE IF NOT EXISTS registry.outbox (
+    only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+    published bigint NOT NULL,
+    published_at timestamptz
+);
+INSERT INTO registry.outbox (published)
+    SELECT revision FROM registry.revision
+ON CONFLICT DO NOTHING;
+
+-- Events not yet published to RabbitMQ (the outbox's backlog).
+CREATE OR REPLACE FUNCTION registry.outbox_backlog() RETURNS bigint
+LANGUAGE sql STABLE AS $$
+    SELECT count(*) FROM registry.events
+    WHERE revision > (SELECT published FROM registry.outbox);
+$$;

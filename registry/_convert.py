@@ -107,6 +107,8 @@ def instance_to_pb(instance: Instance) -> pb.Instance:
         updated_at=_timestamp(instance.updated_at),
         revision=instance.revision,
         generation=instance.generation,
+        follows=instance.follows,
+        events_queue=instance.events_queue,
     )
 
 

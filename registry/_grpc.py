@@ -21,9 +21,14 @@ does it:
 
 Handlers receive the decoded request and a Call. Unary handlers return the
 response; streaming handlers send responses with `await call.send(...)` and
-return when the stream is complete. RegistryError subclasses raised by a
-handler become their status code through STATUS_CODES, the one place where
-the registry chooses gRPC status codes.
+return when the stream is complete. A method with a request stream (server
+reflection's) gets an async iterator of decoded requests instead of one
+request; the messages the handler has not taken yet are bounded by the
+message size limit, and a client that sends past it gets RESOURCE_EXHAUSTED.
+RegistryError subclasses raised by a handler become their status code through
+STATUS_CODES, the one place where the registry chooses gRPC status codes.
+Each call to a known method is counted, by status code, in the server's
+Metrics.
 """
 
 from __future__ import annotations
@@ -32,9 +37,10 @@ import errno
 import logging
 import math
 import struct
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import h2.errors
 import h2.events
@@ -56,11 +62,16 @@ from purerpc.grpclib.status import Status, StatusCode
 
 from . import errors
 
+if TYPE_CHECKING:
+    from .metrics import Metrics
+
 log = logging.getLogger("registry.grpc")
 
 STATUS_CODES: dict[type[errors.RegistryError], StatusCode] = {
     errors.InvalidArgument: StatusCode.INVALID_ARGUMENT,
     errors.NotFound: StatusCode.NOT_FOUND,
+    errors.AlreadyExists: StatusCode.ALREADY_EXISTS,
+    errors.FailedPrecondition: StatusCode.FAILED_PRECONDITION,
     errors.Unauthenticated: StatusCode.UNAUTHENTICATED,
     errors.PermissionDenied: StatusCode.PERMISSION_DENIED,
     errors.OutOfRange: StatusCode.OUT_OF_RANGE,
@@ -96,9 +107,20 @@ def status_of(exc: errors.RegistryError) -> Status:
 class Method:
     request_type: type[Message]
     # (request, call) -> response for unary methods; -> None for streaming
-    # methods, which send through call.send().
+    # methods, which send through call.send(). With request_streaming, the
+    # first argument is an AsyncIterator of the requests.
     handler: Callable[[Any, Call], Awaitable[Any]]
+    # The responses are a stream.
     streaming: bool = False
+    # The requests are a stream.
+    request_streaming: bool = False
+
+    @property
+    def kind(self) -> str:
+        """The gRPC method type, as metrics label it."""
+        if self.request_streaming:
+            return "bidi_stream" if self.streaming else "client_stream"
+        return "server_stream" if self.streaming else "unary"
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,9 +181,17 @@ class _Protocol(GRPCConnection):  # type: ignore[misc]  # purerpc is untyped
 @dataclass(eq=False)
 class _Stream:
     id: int
+    # None: no such method.
+    method: Method | None = None
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    # The request of a unary-request method.
     request: bytes | None = None
-    request_error: str | None = None
+    # The requests of a request stream that its handler has not taken yet.
+    messages: deque[bytes] = field(default_factory=deque)
+    queued_bytes: int = 0
+    message_arrived: trio.Event = field(default_factory=trio.Event)
+    # Why the request cannot be read; raised to the handler.
+    request_error: errors.RegistryError | None = None
     request_complete: trio.Event = field(default_factory=trio.Event)
     window_opened: trio.Event = field(default_factory=trio.Event)
     headers_sent: bool = False
@@ -188,6 +218,46 @@ class Call:
         self.messages_sent += 1
 
 
+class _Requests:
+    """The messages of a request stream, decoded, in the order they came."""
+
+    def __init__(self, stream: _Stream, request_type: type[Message]) -> None:
+        self._stream = stream
+        self._request_type = request_type
+
+    def __aiter__(self) -> _Requests:
+        return self
+
+    async def __anext__(self) -> Message:
+        await trio.lowlevel.checkpoint()
+        stream = self._stream
+        while not stream.messages:
+            if stream.request_error is not None:
+                raise stream.request_error
+            if stream.request_complete.is_set():
+                raise StopAsyncIteration
+            await stream.message_arrived.wait()
+        data = stream.messages.popleft()
+        stream.queued_bytes -= len(data)
+        return _decode(self._request_type, data)
+
+
+def _decode(request_type: type[Message], data: bytes) -> Message:
+    try:
+        return request_type.FromString(data)
+    except DecodeError:
+        raise errors.InvalidArgument(
+            f"the request is not a valid {request_type.DESCRIPTOR.full_name}"
+        ) from None
+
+
+def _too_large(reason: str) -> errors.ResourceExhausted:
+    return errors.ResourceExhausted(
+        f"request too large: {reason.split(': ', 1)[-1]}"
+        " bytes; split it or raise the server's max message size"
+    )
+
+
 class _Connection:
     def __init__(self, server: GrpcServer, sock: trio.SocketStream) -> None:
         self._server = server
@@ -205,6 +275,8 @@ class _Connection:
         self._nursery: trio.Nursery | None = None
         # Set by close_after_writing(): end once everything queued is sent.
         self._closing = False
+        # Set once the writer has ended.
+        self._written = trio.Event()
         self.peer = _peer_name(sock)
 
     @property
@@ -244,8 +316,11 @@ class _Connection:
                 self._protocol.h2_connection.close_connection(
                     error_code=h2.errors.ErrorCodes.PROTOCOL_ERROR
                 )
+                # The writer sends the GOAWAY: it may be sending right now,
+                # and a second sender would break the connection's task.
+                self.close_after_writing()
                 with trio.move_on_after(1):
-                    await self._sock.send_all(self._protocol.data_to_send())
+                    await self._written.wait()
                 return
             for event in events:
                 self._dispatch(event)
@@ -253,7 +328,9 @@ class _Connection:
 
     def _dispatch(self, event: object) -> None:
         if isinstance(event, RequestReceived):
-            stream = _Stream(event.stream_id)
+            service = self._server.services.get(event.service_name)
+            method = service.methods.get(event.method_name) if service else None
+            stream = _Stream(event.stream_id, method)
             if self._server.draining:
                 # Never processed, so the client may retry it elsewhere.
                 self._protocol.reset_stream(
@@ -280,22 +357,54 @@ class _Connection:
         if found is None:
             return
         if isinstance(event, MessageReceived):
+            if found.method is not None and found.method.request_streaming:
+                self._queue_request(found, event.data)
+                return
             if found.request is not None:
-                found.request_error = "a unary request carries exactly one message"
+                found.request_error = errors.InvalidArgument(
+                    "a unary request carries exactly one message"
+                )
             found.request = event.data
         elif isinstance(event, RequestEnded):
             found.request_complete.set()
+            found.message_arrived.set()
         elif isinstance(event, _RequestTooLarge):
-            found.request_error = event.reason
+            found.request_error = _too_large(event.reason)
             found.request_complete.set()
+            found.message_arrived.set()
         elif isinstance(event, _StreamReset):
             found.reset = True
             found.scope.cancel()
 
+    def _queue_request(self, stream: _Stream, data: bytes) -> None:
+        """Hold one message of a request stream for its handler."""
+        if stream.request_error is not None:
+            # The call is failing already: what follows is dropped.
+            return
+        limit = self._server.max_message_bytes
+        if stream.messages and stream.queued_bytes + len(data) > limit:
+            stream.request_error = errors.ResourceExhausted(
+                f"more than {limit} bytes of requests are waiting to be handled; "
+                "wait for the answers before sending more"
+            )
+        else:
+            stream.messages.append(data)
+            stream.queued_bytes += len(data)
+        stream.message_arrived.set()
+        stream.message_arrived = trio.Event()
+
     async def _run_call(self, stream: _Stream, event: RequestReceived) -> None:
         path = f"/{event.service_name}/{event.method_name}"
+        metrics = self._server.metrics if stream.method is not None else None
+        labels = (
+            stream.method.kind if stream.method else "",
+            event.service_name,
+            event.method_name,
+        )
+        if metrics is not None:
+            metrics.rpc_started(*labels)
         started = trio.current_time()
-        status = Status(StatusCode.OK)
+        status: Status | None = None
         try:
             with stream.scope:
                 status = await self._call(stream, event, path)
@@ -305,17 +414,19 @@ class _Connection:
             self._server._on_call_ended()
             if stream.scope.cancelled_caught:
                 status = Status(StatusCode.CANCELLED, "cancelled by the client")
+            elif status is None:
+                # Cut off by the server (the drain's grace ran out), or its
+                # connection broke: the client sees the connection close.
+                status = Status(StatusCode.UNAVAILABLE, "cut off by the server")
+            elapsed = trio.current_time() - started
+            if metrics is not None:
+                metrics.rpc_handled(*labels, status.status_code.name, elapsed)
             log.debug(
-                "%s from %s: %s in %.1f ms",
-                path,
-                self.peer,
-                status,
-                (trio.current_time() - started) * 1000,
+                "%s from %s: %s in %.1f ms", path, self.peer, status, elapsed * 1000
             )
 
     async def _call(self, stream: _Stream, event: RequestReceived, path: str) -> Status:
-        service = self._server.services.get(event.service_name)
-        method = service.methods.get(event.method_name) if service else None
+        method = stream.method
         if method is None:
             return Status(StatusCode.UNIMPLEMENTED, f"method {path} is not implemented")
 
@@ -324,8 +435,12 @@ class _Connection:
             deadline = trio.current_time() + event.timeout.total_seconds()
         with trio.move_on_at(deadline) as deadline_scope:
             try:
-                request = await self._read_request(stream, method)
                 call = Call(self, stream, path, self.peer)
+                request: Any
+                if method.request_streaming:
+                    request = _Requests(stream, method.request_type)
+                else:
+                    request = await self._read_request(stream, method)
                 if method.streaming:
                     await method.handler(request, call)
                 else:
@@ -343,20 +458,10 @@ class _Connection:
     async def _read_request(self, stream: _Stream, method: Method) -> Message:
         await stream.request_complete.wait()
         if stream.request_error is not None:
-            if "larger than max" in stream.request_error:
-                raise errors.ResourceExhausted(
-                    f"request too large: {stream.request_error.split(': ', 1)[-1]}"
-                    " bytes; split it or raise the server's max message size"
-                )
-            raise errors.InvalidArgument(stream.request_error)
+            raise stream.request_error
         if stream.request is None:
             raise errors.InvalidArgument("the request carries no message")
-        try:
-            return method.request_type.FromString(stream.request)
-        except DecodeError:
-            raise errors.InvalidArgument(
-                f"the request is not a valid {method.request_type.DESCRIPTOR.full_name}"
-            ) from None
+        return _decode(method.request_type, stream.request)
 
     async def send_message(self, stream: _Stream, message: Message) -> None:
         data = message.SerializeToString()
@@ -416,6 +521,12 @@ class _Connection:
         self._wake_writer.set()
 
     async def _writer(self) -> None:
+        try:
+            await self._write_until_closed()
+        finally:
+            self._written.set()
+
+    async def _write_until_closed(self) -> None:
         while True:
             await self._wake_writer.wait()
             self._wake_writer = trio.Event()
@@ -480,8 +591,16 @@ class GrpcServer:
         host: str = "0.0.0.0",
         port: int = 50051,
         max_message_bytes: int = 4 * 1024 * 1024,
+        metrics: Metrics | None = None,
     ) -> None:
         self.services = {service.name: service for service in services}
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.declare_rpcs(
+                (method.kind, service.name, name)
+                for service in services
+                for name, method in service.methods.items()
+            )
         self.host = host
         self.port = port
         self.max_message_bytes = max_message_bytes
@@ -557,6 +676,9 @@ class GrpcServer:
         self._connections.add(connection)
         try:
             await connection.serve()
+        except Exception:
+            # One connection's failure must not end the server's others.
+            log.exception("the connection from %s failed", connection.peer)
         finally:
             self._connections.discard(connection)
 

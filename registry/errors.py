@@ -8,6 +8,10 @@ handler chooses status codes itself.
     RegistryError
     ├── InvalidArgument      the request is malformed; nothing was stored
     ├── NotFound             no such name or instance
+    ├── AlreadyExists        a port named by the caller is held by another instance
+    ├── FailedPrecondition   the registry is not set up for the request (no
+    │                        broker configured), or the broker holds topology
+    │                        that contradicts it (an exchange of another type)
     ├── Unauthenticated      no instance token where one is required
     ├── PermissionDenied     a token of another generation, or a wrong token
     ├── OutOfRange           a watch from a revision older than the log holds
@@ -29,6 +33,14 @@ class InvalidArgument(RegistryError):
 
 
 class NotFound(RegistryError):
+    pass
+
+
+class AlreadyExists(RegistryError):
+    pass
+
+
+class FailedPrecondition(RegistryError):
     pass
 
 

@@ -107,6 +107,9 @@ class Instance:
     registered_at: datetime
     updated_at: datetime
     revision: int
+    # Names whose registry events reach events_queue (set when follows is).
+    follows: tuple[str, ...] = ()
+    events_queue: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 import trio_asyncio
@@ -26,6 +26,9 @@ from .backoff import Backoff
 from .db import Database
 from .errors import Unavailable
 from .watch import Ended, Hub
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 log = logging.getLogger("registry.notifier")
 
@@ -43,9 +46,11 @@ class Notifier:
         poll_interval: float = 1.0,
         ping_timeout: float = 5.0,
         page_size: int = 1000,
+        metrics: Metrics | None = None,
     ) -> None:
         self._db = db
         self._hub = hub
+        self._metrics = metrics
         self._poll_interval = poll_interval
         self._ping_timeout = ping_timeout
         self._page_size = page_size
@@ -104,7 +109,11 @@ class Notifier:
             await self._catch_up()
             self.connected = True
             backoff.reset()
-            log.info("listening for events after revision %d", self._hub.revision)
+            log.info(
+                "listening for events after revision %d",
+                self._hub.revision,
+                extra={"revision": self._hub.revision},
+            )
             if not self._started:
                 self._started = True
                 task_status.started()
@@ -146,6 +155,8 @@ class Notifier:
                 self._hub.advance(page.compacted)
                 continue
             self._hub.publish(page.events)
+            if self._metrics is not None:
+                self._metrics.count_events(page.events)
             if len(page.events) < self._page_size:
                 self._hub.advance(page.head)
                 return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from collections import Counter
@@ -13,16 +14,22 @@ import trio
 from . import store, tokens
 from ._convert import STATUS_FROM_PB, event_to_pb, instance_to_pb
 from ._grpc import Call, Method, Service
+from .broker import Broker
 from .db import Database
 from .errors import (
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     OutOfRange,
     ResourceExhausted,
     Unavailable,
 )
-from .model import Instance, Status
+from .health_api import HealthApi
+from .health_machine import ProbeDefaults
+from .model import Event, Instance, Registration, Status
+from .ports import DEFAULT_POLICY, PortPolicy
+from .topology import Topology, plan
 from .v1 import registry_pb2 as pb
 from .validation import (
     validate_instance_id,
@@ -50,11 +57,49 @@ class WatchSettings:
     max_revision_wait: float = 30.0
 
 
+class _EventResponses:
+    """Each event's WatchResponse, built once for all the streams it goes to:
+    built per stream, it cost a replica fanning out to 500 watchers about as
+    much CPU as sending them. Per replica, since a revision names one event
+    of one database."""
+
+    def __init__(self, size: int = 256) -> None:
+        self._size = size
+        self._built: dict[int, pb.WatchResponse] = {}
+
+    def of(self, event: Event) -> pb.WatchResponse:
+        response = self._built.get(event.revision)
+        if response is None:
+            response = pb.WatchResponse(event=event_to_pb(event))
+            if len(self._built) >= self._size:
+                # The oldest first: dicts keep their insertion order.
+                del self._built[next(iter(self._built))]
+            self._built[event.revision] = response
+        return response
+
+
 class RegistryService:
-    def __init__(self, db: Database, hub: Hub, settings: WatchSettings) -> None:
+    def __init__(
+        self,
+        db: Database,
+        hub: Hub,
+        settings: WatchSettings,
+        probe_defaults: ProbeDefaults | None = None,
+        *,
+        ports: PortPolicy = DEFAULT_POLICY,
+        broker: Broker | None = None,
+        events_exchange: str = "registry.events",
+    ) -> None:
         self._db = db
         self._hub = hub
         self._settings = settings
+        self._ports = ports
+        # None: no broker is configured, and broker features are off.
+        self._broker = broker
+        self._events_exchange = events_exchange
+        # Heartbeat, Drain and History.
+        self._health = HealthApi(db, probe_defaults or ProbeDefaults())
+        self._event_responses = _EventResponses()
 
     def service(self) -> Service:
         return Service(
@@ -65,6 +110,7 @@ class RegistryService:
                 "Resolve": Method(pb.ResolveRequest, self.resolve),
                 "List": Method(pb.ListRequest, self.list),
                 "Watch": Method(pb.WatchRequest, self.watch, streaming=True),
+                **self._health.methods(),
             },
         )
 
@@ -74,11 +120,24 @@ class RegistryService:
         registration = validate_registration(
             request, new_instance_id=lambda: uuid.uuid4().hex
         )
+        # The queues first: a registration whose topology cannot be declared
+        # is not stored.
+        topology = plan(registration, self._events_exchange)
+        await self._declare(registration, topology)
+        registration = dataclasses.replace(registration, brokers=topology.brokers)
+
         # Until the registry probes it, an instance without a check is taken
         # at its word; one with a check waits to be proven healthy.
         status = Status.ACTIVE if registration.check is None else Status.PENDING
         secret, secret_hash = tokens.new_secret()
-        instance = await store.put_instance(self._db, registration, status, secret_hash)
+        instance = await store.put_instance(
+            self._db,
+            registration,
+            status,
+            secret_hash,
+            ports=self._ports,
+            events_queue=topology.events_queue,
+        )
         log.info(
             "registered %s/%s generation %d (%s) at revision %d",
             instance.name,
@@ -86,12 +145,29 @@ class RegistryService:
             instance.generation,
             instance.status,
             instance.revision,
+            extra={
+                "instance": f"{instance.name}/{instance.instance_id}",
+                "revision": instance.revision,
+            },
         )
         return pb.RegisterResponse(
             instance=instance_to_pb(instance),
             revision=instance.revision,
             token=tokens.format_token(instance.generation, secret),
+            queues=topology.queues,
         )
+
+    async def _declare(self, registration: Registration, topology: Topology) -> None:
+        if not topology.bindings:
+            return
+        if self._broker is None:
+            field = "brokers" if registration.brokers else "follows"
+            raise FailedPrecondition(
+                f"{field}: this registry runs without a broker (REGISTRY_AMQP_URL "
+                "is unset), so it declares no queues; register without brokers "
+                "and follows, or have the registry configured with a broker"
+            )
+        await self._broker.declare(topology.bindings)
 
     async def deregister(
         self, request: pb.DeregisterRequest, call: Call
@@ -115,6 +191,7 @@ class RegistryService:
             instance_id,
             token.generation,
             revision,
+            extra={"instance": f"{name}/{instance_id}", "revision": revision},
         )
         return pb.DeregisterResponse(revision=revision)
 
@@ -194,7 +271,7 @@ class RegistryService:
                     f"held is {page.compacted + 1}; watch with a snapshot instead"
                 )
             for event in page.events:
-                await call.send(pb.WatchResponse(event=event_to_pb(event)))
+                await call.send(self._event_responses.of(event))
                 cursor = event.revision
             if len(page.events) < self._settings.page_size:
                 cursor = max(cursor, page.head)
@@ -220,7 +297,7 @@ class RegistryService:
                     continue
                 if event is None:
                     break
-                await call.send(pb.WatchResponse(event=event_to_pb(event)))
+                await call.send(self._event_responses.of(event))
                 sent = event.revision
         if watcher.ended is Ended.BEHIND:
             raise ResourceExhausted(

@@ -4,13 +4,16 @@ trigger records the event (see schema.sql); nothing here writes events."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import random
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 
 from .db import Connection, Database
+from .errors import AlreadyExists
+from .hostports import free_port_check
 from .model import (
     Api,
     Broker,
@@ -23,11 +26,24 @@ from .model import (
     Registration,
     Status,
 )
+from .ports import (
+    DEFAULT_POLICY,
+    Holder,
+    PortMode,
+    PortPolicy,
+    address_key,
+    assign,
+)
 
 _INSTANCE_COLUMNS = """
     name, instance_id, generation, status, address, version, description, apis,
-    brokers, metadata, health_check, registered_at, updated_at, revision
+    brokers, metadata, health_check, registered_at, updated_at, revision,
+    follows, events_queue
 """
+
+
+# The advisory lock space of port choice (the second key is the address).
+_PORTS_LOCK = 0x706F7274  # "port"
 
 
 def check_to_json(check: HealthCheck | None) -> dict[str, Any] | None:
@@ -64,6 +80,9 @@ def instance_from_row(row: asyncpg.Record | dict[str, Any]) -> Instance:
         registered_at=_timestamp(row["registered_at"]),
         updated_at=_timestamp(row["updated_at"]),
         revision=row["revision"],
+        # Events logged before these columns existed have neither.
+        follows=tuple(row.get("follows") or ()),
+        events_queue=row.get("events_queue") or "",
     )
 
 
@@ -79,25 +98,117 @@ def event_from_row(row: asyncpg.Record) -> Event:
 
 
 async def put_instance(
-    db: Database, registration: Registration, status: Status, token_hash: bytes
+    db: Database,
+    registration: Registration,
+    status: Status,
+    token_hash: bytes,
+    *,
+    ports: PortPolicy = DEFAULT_POLICY,
+    events_queue: str = "",
 ) -> Instance:
-    """Store `registration` as the next generation of its instance."""
-    row = await db.fetchrow(
-        f"SELECT {_INSTANCE_COLUMNS} FROM registry.put_instance("
-        "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-        registration.name,
-        registration.instance_id,
-        status.value,
-        registration.address,
-        registration.version,
-        registration.description,
-        [dataclasses.asdict(api) for api in registration.apis],
-        [dataclasses.asdict(broker) for broker in registration.brokers],
-        registration.metadata,
-        check_to_json(registration.check),
-        token_hash,
+    """Store `registration` as the next generation of its instance, with the
+    ports `ports` assigns to its APIs, in one transaction.
+
+    AlreadyExists if a port it names is held by another instance on its
+    address; ResourceExhausted if no port is left to assign.
+    """
+    address = address_key(registration.address)
+    is_free = (
+        free_port_check(address)
+        if ports.mode is PortMode.LOCAL
+        and any(api.port == 0 for api in registration.apis)
+        else None
     )
-    assert row is not None, "put_instance returns a row or raises"
+
+    async def put(conn: Connection) -> asyncpg.Record:
+        # Registrations on one address take turns choosing ports: the primary
+        # key of registry.ports alone would also keep two from one port, but by
+        # making the second wait on the first's uncommitted row, and two such
+        # waits can deadlock.
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock($1, hashtext($2))", _PORTS_LOCK, address
+        )
+        # The instance's row before its ports, the order deregistration takes
+        # them in (the delete cascades to registry.ports).
+        await conn.execute(
+            "SELECT 1 FROM registry.instances"
+            " WHERE name = $1 AND instance_id = $2 FOR UPDATE",
+            registration.name,
+            registration.instance_id,
+        )
+        held: dict[int, Holder] = {}
+        previous: dict[str, int] = {}
+        for row in await conn.fetch(
+            "SELECT port, name, instance_id, api FROM registry.ports"
+            " WHERE address = $1",
+            address,
+        ):
+            if (row["name"], row["instance_id"]) == (
+                registration.name,
+                registration.instance_id,
+            ):
+                previous[row["api"]] = row["port"]
+            else:
+                held[row["port"]] = Holder(row["name"], row["instance_id"], row["api"])
+        apis = assign(
+            registration.apis,
+            ports,
+            address=registration.address,
+            held=held,
+            previous=previous,
+            is_free=is_free,
+            offset=random.randrange(len(ports.range)),
+        )
+
+        # The ports before the instance: storing it takes the revision
+        # counter's lock, which every registration waits for, so as little as
+        # possible comes after it (the foreign key is checked at commit).
+        await conn.execute(
+            "DELETE FROM registry.ports WHERE name = $1 AND instance_id = $2",
+            registration.name,
+            registration.instance_id,
+        )
+        await conn.execute(
+            """
+            INSERT INTO registry.ports (address, port, name, instance_id, api)
+            SELECT $1, port, $4, $5, api FROM unnest($2::text[], $3::int[])
+                AS held(api, port)
+            """,
+            address,
+            [api.name for api in apis],
+            [api.port for api in apis],
+            registration.name,
+            registration.instance_id,
+        )
+
+        stored = await conn.fetchrow(
+            f"SELECT {_INSTANCE_COLUMNS} FROM registry.put_instance("
+            "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+            registration.name,
+            registration.instance_id,
+            status.value,
+            registration.address,
+            registration.version,
+            registration.description,
+            [dataclasses.asdict(api) for api in apis],
+            [dataclasses.asdict(broker) for broker in registration.brokers],
+            registration.metadata,
+            check_to_json(registration.check),
+            token_hash,
+            list(registration.follows),
+            events_queue,
+        )
+        assert stored is not None, "put_instance returns a row or raises"
+        return stored
+
+    try:
+        row = await db.transaction(put)
+    except asyncpg.UniqueViolationError:
+        # Only a writer that skipped the address lock gets here.
+        raise AlreadyExists(
+            f"a port of this registration on {registration.address} was taken "
+            "at the same moment by another registration; register again"
+        ) from None
     return instance_from_row(row)
 
 
@@ -211,10 +322,28 @@ async def head_revision(db: Database) -> int:
     return revision
 
 
-async def compact_events(db: Database, retention_seconds: float) -> int:
+async def instance_counts(db: Database) -> tuple[int, dict[str, int]]:
+    """The newest revision, and how many instances have each status."""
+    rows = await db.fetch(
+        """
+        SELECT r.revision, i.status, i.n FROM registry.revision AS r
+        LEFT JOIN LATERAL (
+            SELECT status, count(*) AS n FROM registry.instances GROUP BY status
+        ) AS i ON true
+        """
+    )
+    counts = {row["status"]: row["n"] for row in rows if row["status"] is not None}
+    return rows[0]["revision"], counts
+
+
+async def compact_events(
+    db: Database, retention_seconds: float, *, keep_unpublished: bool = False
+) -> int:
     """Drop events older than the retention window; returns how many.
 
-    The newest event is always kept, so the log never forgets the head.
+    The newest event is always kept, so the log never forgets the head; with
+    `keep_unpublished` (a broker is configured), so is every event the outbox
+    has not published yet.
     """
 
     async def compact(conn: Connection) -> int:
@@ -223,8 +352,10 @@ async def compact_events(db: Database, retention_seconds: float) -> int:
             SELECT max(revision) FROM registry.events
             WHERE created_at < now() - make_interval(secs => $1)
               AND revision < (SELECT revision FROM registry.revision)
+              AND (NOT $2 OR revision <= (SELECT published FROM registry.outbox))
             """,
             retention_seconds,
+            keep_unpublished,
         )
         if upto is None:
             return 0
@@ -237,3 +368,50 @@ async def compact_events(db: Database, retention_seconds: float) -> int:
         return int(status.split()[-1])
 
     return await db.transaction(compact)
+
+
+async def publish_events(
+    db: Database,
+    limit: int,
+    publish: Callable[[list[Event]], Awaitable[int]],
+) -> int | None:
+    """Publish the next unpublished events, in revision order, if this replica
+    can claim the outbox; None when another replica holds it.
+
+    `publish` is asyncio code, awaited inside the transaction that holds the
+    claim: it publishes the events it is given, in order, and returns how
+    many of them (from the first) the broker has confirmed. Those are marked
+    published in the same transaction; the rest stay for the next claim.
+    Returns how many were marked.
+    """
+
+    async def claim_and_publish(conn: Connection) -> int | None:
+        published: int | None = await conn.fetchval(
+            "SELECT published FROM registry.outbox FOR UPDATE SKIP LOCKED"
+        )
+        if published is None:
+            return None
+        rows = await conn.fetch(
+            "SELECT revision, type, name, instance_id, entry, created_at"
+            " FROM registry.events WHERE revision > $1 ORDER BY revision LIMIT $2",
+            published,
+            limit,
+        )
+        if not rows:
+            return 0
+        events = [event_from_row(row) for row in rows]
+        confirmed = await publish(events)
+        if confirmed:
+            await conn.execute(
+                "UPDATE registry.outbox SET published = $1, published_at = now()",
+                events[confirmed - 1].revision,
+            )
+        return confirmed
+
+    return await db.transaction(claim_and_publish)
+
+
+async def outbox_backlog(db: Database) -> int:
+    """How many events wait to be published."""
+    backlog: int = await db.fetchval("SELECT registry.outbox_backlog()")
+    return backlog

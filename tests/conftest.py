@@ -14,15 +14,20 @@ import asyncio
 import os
 import secrets
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
 import pytest
 
+import brokers
 from registry._embedded import embedded_postgres
 
 # Seconds, for connecting and for CREATE/DROP DATABASE.
 ADMIN_TIMEOUT = 30.0
+
+# A `registry serve` that a test starts binds its ops endpoint to a free
+# port, never to the fixed default that another process may hold.
+os.environ.setdefault("REGISTRY_OPS_PORT", "0")
 
 
 @pytest.fixture(scope="session")
@@ -70,3 +75,20 @@ def _admin(url: str, statement: str) -> None:
             await connection.close(timeout=ADMIN_TIMEOUT)
 
     asyncio.run(execute())
+
+
+# --- RabbitMQ (helpers in brokers.py) -----------------------------------------
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> str:
+    """The test broker; tests that ask for it skip where none answers, or fail
+    with REGISTRY_REQUIRE_BROKER=1."""
+    return brokers.broker_url_or_skip()
+
+
+@pytest.fixture
+async def amqp(amqp_url: str) -> AsyncIterator[brokers.Amqp]:
+    """A connection of the test's own; what it declared is deleted afterwards."""
+    async with brokers.open_amqp(amqp_url) as amqp:
+        yield amqp

@@ -38,10 +38,15 @@ WAIT = 30.0
 TEST_CONFIG = Config(
     host="127.0.0.1",
     port=0,
+    ops_host="127.0.0.1",
+    ops_port=0,
     pool_size=4,
     progress_interval=5.0,
     poll_interval=0.5,
     drain_grace=5.0,
+    # No health probes unless a test asks for them (max_probes=...): most
+    # tests register made-up addresses, which must not be sent a packet.
+    max_probes=0,
 )
 
 
@@ -89,14 +94,20 @@ async def grpc_client(port: int) -> AsyncIterator[GrpcClient]:
         client.close()
 
 
-def registration(name: str = "billing", instance_id: str = "", **fields: Any) -> Any:
-    """A valid RegisterRequest, to adjust per test."""
+def registration(
+    name: str = "billing", instance_id: str = "", port: int = 0, **fields: Any
+) -> Any:
+    """A valid RegisterRequest, to adjust per test.
+
+    Its grpc API asks for `port`; 0, the default, has the registry assign one.
+    A port named on the same address by two instances is refused to the second.
+    """
     request = pb.RegisterRequest(
         name=name,
         instance_id=instance_id,
         version="1.4.2",
         address="127.0.0.1",
-        apis=[pb.Api(name="grpc", port=8090)],
+        apis=[pb.Api(name="grpc", port=port)],
     )
     for key, value in fields.items():
         if isinstance(value, list):
@@ -228,6 +239,8 @@ async def replica_process(
         "127.0.0.1",
         "--port",
         "0",
+        "--ops-port",
+        "0",
         "--database-url",
         database_url,
         *args,
@@ -237,7 +250,8 @@ async def replica_process(
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        env={**os.environ, **env},
+        # No health probes unless asked for, as in TEST_CONFIG.
+        env={**os.environ, "REGISTRY_MAX_PROBES": "0", **env},
     )
     assert process.stderr is not None
     log = bytearray()

@@ -339,7 +339,7 @@ def checked(check: pb.HealthCheck, *args: Any, **fields: Any) -> pb.RegisterRequ
 
 
 def full_registration() -> pb.RegisterRequest:
-    """A request that sets every field a caller can set."""
+    """A request that sets every field a caller can set without a broker."""
     return pb.RegisterRequest(
         name="orders",
         instance_id="orders-7",
@@ -347,18 +347,8 @@ def full_registration() -> pb.RegisterRequest:
         description="takes orders; ünïcode is fine here",
         address="orders-7.eu-west.internal",
         apis=[pb.Api(name="grpc", port=50051), pb.Api(name="http", port=8080)],
-        brokers=[
-            pb.Broker(
-                exchange="orders",
-                routing_key="orders.created",
-                type=pb.BROKER_TYPE_QUEUE,
-            ),
-            pb.Broker(
-                exchange="payments",
-                routing_key="payments.*.settled.#",
-                type=pb.BROKER_TYPE_TOPIC,
-            ),
-        ],
+        # No brokers nor follows: these replicas run without a broker, and so
+        # refuse them (tests/test_broker.py registers both, against one).
         metadata={"team": "checkout", "zone": "eu-west-1a", "build/sha": "0a1b2c"},
         check=pb.HealthCheck(
             http=pb.HttpCheck(path="/healthz?deep=1", api="http", https=True),
@@ -1064,7 +1054,7 @@ async def test_register_with_bad_input_stores_nothing(
         finally:
             # Should a case store something, the next ones start clean anyway.
             await sql.execute(
-                "TRUNCATE registry.instances, registry.events;"
+                "TRUNCATE registry.instances, registry.events CASCADE;"
                 " UPDATE registry.revision SET revision = 0, compacted = 0"
             )
     replica.stop()

@@ -17,6 +17,7 @@ import trio
 import trio_asyncio
 from trio_asyncio import aio_as_trio
 
+from brokers import Amqp
 from harness import WAIT, GrpcClient, grpc_client, registration, start_replica
 from registry.app import Replica
 from registry.db import Database
@@ -160,31 +161,24 @@ async def test_replicas_booting_together_on_a_fresh_database_all_serve(
 # --- views -------------------------------------------------------------------
 
 
-async def _populate(client: GrpcClient, connection: asyncpg.Connection) -> None:
-    """billing: one active, one pending; orders: one active, one inactive."""
+async def _populate(
+    client: GrpcClient, connection: asyncpg.Connection, brokers: list[pb.Broker]
+) -> None:
+    """billing: one active (with `brokers`), one pending; orders: one active,
+    one inactive."""
     tcp = pb.HealthCheck(tcp=pb.TcpCheck(api="grpc"))
     requests = [
         registration(
             "billing",
             "b-active",
+            port=8090,
             apis=[pb.Api(name="http", port=8080)],
-            brokers=[
-                pb.Broker(
-                    exchange="billing",
-                    routing_key="invoices.created",
-                    type=pb.BROKER_TYPE_QUEUE,
-                ),
-                pb.Broker(
-                    exchange="events",
-                    routing_key="orders.*.paid",
-                    type=pb.BROKER_TYPE_TOPIC,
-                ),
-            ],
+            brokers=brokers,
             metadata={"team": "money"},
         ),
-        registration("billing", "b-pending", address="10.0.0.2"),
-        registration("orders", "o-active", address="10.0.0.3"),
-        registration("orders", "o-inactive", address="10.0.0.4"),
+        registration("billing", "b-pending", port=8090, address="10.0.0.2"),
+        registration("orders", "o-active", port=8090, address="10.0.0.3"),
+        registration("orders", "o-inactive", port=8090, address="10.0.0.4"),
     ]
     requests[1].check.CopyFrom(tcp)
     for request in requests:
@@ -198,16 +192,21 @@ async def _populate(client: GrpcClient, connection: asyncpg.Connection) -> None:
 
 @asynccontextmanager
 async def populated(
-    nursery: trio.Nursery, database_url: str
+    nursery: trio.Nursery,
+    database_url: str,
+    brokers: list[pb.Broker] | None = None,
+    **config: Any,
 ) -> AsyncIterator[tuple[GrpcClient, asyncpg.Connection]]:
-    replica = await start_replica(nursery, database_url)
+    """A replica (with `config`) and its registry, populated; registering
+    `brokers` takes a replica configured with a broker."""
+    replica = await start_replica(nursery, database_url, **config)
     assert replica.port is not None
     async with (
         trio_asyncio.open_loop(),
         connect(database_url) as connection,
         grpc_client(replica.port) as client,
     ):
-        await _populate(client, connection)
+        await _populate(client, connection, brokers or [])
         yield client, connection
     replica.stop()
 
@@ -272,9 +271,25 @@ async def test_instance_apis_view_has_one_row_per_api(
 
 
 async def test_instance_brokers_view_has_one_row_per_binding(
-    nursery: trio.Nursery, database_url: str
+    nursery: trio.Nursery, database_url: str, amqp: Amqp, amqp_url: str
 ) -> None:
-    async with populated(nursery, database_url) as (client, connection):
+    # Exchanges of this test alone on the shared broker, deleted afterwards.
+    billing, events = amqp.name("billing"), amqp.name("events")
+    brokers = [
+        pb.Broker(
+            exchange=billing, routing_key="invoices.created", type=pb.BROKER_TYPE_QUEUE
+        ),
+        pb.Broker(
+            exchange=events, routing_key="orders.*.paid", type=pb.BROKER_TYPE_TOPIC
+        ),
+    ]
+    async with populated(
+        nursery,
+        database_url,
+        brokers,
+        amqp_url=amqp_url,
+        events_exchange=amqp.name("registry.events"),
+    ) as (client, connection):
         rows = await sql(
             connection,
             "SELECT name, instance_id, status, exchange, routing_key, type, queue"
@@ -283,24 +298,25 @@ async def test_instance_brokers_view_has_one_row_per_binding(
         listed = await client.call("List", pb.ListRequest(name="billing"))
 
     queues = {b.exchange: b.queue for b in listed.instances[0].brokers}
+    amqp.track(*queues.values())
     assert [tuple(r) for r in rows] == [
         (
             "billing",
             "b-active",
             "active",
-            "billing",
+            billing,
             "invoices.created",
             "queue",
-            queues["billing"],
+            queues[billing],
         ),
         (
             "billing",
             "b-active",
             "active",
-            "events",
+            events,
             "orders.*.paid",
             "topic",
-            queues["events"],
+            queues[events],
         ),
     ]
 
