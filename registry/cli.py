@@ -12,22 +12,20 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+import tomllib
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC
-from typing import Any
+from typing import Any, TypeVar
 
-import purerpc
 import trio
-from google.protobuf.json_format import MessageToDict
+from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
 
+from . import client, logs
 from . import config as configuration
 from ._convert import STATUS_FROM_PB
 from ._grpc import ServeError
-from .app import Replica
 from .errors import RegistryError
 from .v1 import registry_pb2 as pb
-from .v1.registry_grpc import RegistryStub
 
 log = logging.getLogger("registry.cli")
 
@@ -37,6 +35,9 @@ EXAMPLES = {
     "list": "registry list --status active",
     "resolve": "registry resolve billing --json",
     "watch": "registry watch billing orders --from 1200",
+    "register": "registry register billing --address 10.0.3.17 --api grpc=0 --ttl 10",
+    "deregister": 'registry deregister billing b-1 --token "$TOKEN"',
+    "history": "registry history billing --instance b-1 --limit 50",
 }
 
 
@@ -64,12 +65,15 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(
-        name: str, summary: str, run: Callable[[argparse.Namespace], None]
+        name: str,
+        summary: str,
+        run: Callable[[argparse.Namespace], None],
+        details: str = "",
     ) -> Any:
         sub = commands.add_parser(
             name,
             help=summary,
-            description=summary,
+            description=f"{summary} {details}".strip(),
             epilog=f"example: {EXAMPLES[name]}",
         )
         sub.set_defaults(run=run)
@@ -87,8 +91,8 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--target",
             default=os.environ.get("REGISTRY_TARGET", DEFAULT_TARGET),
-            help=f"HOST:PORT of a replica (env REGISTRY_TARGET, "
-            f"default {DEFAULT_TARGET})",
+            help="HOST:PORT of a replica, or several separated by commas, tried "
+            f"in order (env REGISTRY_TARGET, default {DEFAULT_TARGET})",
         )
         sub.add_argument("--json", action="store_true", help="print JSON for scripts")
         sub.add_argument(
@@ -109,7 +113,14 @@ def _parser() -> argparse.ArgumentParser:
     resolve.add_argument("name", help="the service name")
     client_options(resolve)
 
-    watch = command("watch", "Print events as they happen, until interrupted.", _watch)
+    watch = command(
+        "watch",
+        "Print events as they happen, until interrupted.",
+        _watch,
+        "Each line has the time, revision, type, instance and status. When its "
+        "replica goes away, it resumes on the next --target from the last "
+        "revision printed, missing nothing and repeating nothing.",
+    )
     watch.add_argument("names", nargs="*", help="services to follow (default: all)")
     watch.add_argument(
         "--from",
@@ -122,6 +133,82 @@ def _parser() -> argparse.ArgumentParser:
         "--snapshot", action="store_true", help="print the current instances first"
     )
     client_options(watch)
+
+    register = command(
+        "register",
+        "Register an instance and hold the registration while running.",
+        _register,
+        "Prints the instance id, its ports and its token, sends heartbeats if "
+        "it has a TTL check, and on SIGINT or SIGTERM drains and deregisters "
+        "it. The fields come from flags, or from a JSON or TOML file in the "
+        "API's JSON form (the keys of RegisterRequest: name, address, apis, "
+        "check...), which flags override.",
+    )
+    register.add_argument("name", nargs="?", default="", help="the service name")
+    register.add_argument(
+        "--file", help="a RegisterRequest as JSON, or TOML if the name ends in .toml"
+    )
+    register.add_argument("--instance-id", help="default: a random one")
+    register.add_argument("--address", help="host name or IP address of the instance")
+    register.add_argument("--version", help="version of the service")
+    register.add_argument("--description", help="a line about the instance")
+    register.add_argument(
+        "--api",
+        action="append",
+        metavar="NAME=PORT",
+        help="an API and its port (0: the registry assigns one); repeatable",
+    )
+    register.add_argument(
+        "--broker",
+        action="append",
+        metavar="EXCHANGE:ROUTING_KEY[:queue|topic]",
+        help="a broker binding (type queue by default); repeatable",
+    )
+    register.add_argument(
+        "--metadata", action="append", metavar="KEY=VALUE", help="repeatable"
+    )
+    register.add_argument(
+        "--follow",
+        action="append",
+        metavar="NAME",
+        help="a service whose events the instance wants on a queue; repeatable",
+    )
+    register.add_argument(
+        "--ttl",
+        type=float,
+        metavar="SECONDS",
+        help="a TTL health check of this many seconds, kept alive by heartbeats",
+    )
+    client_options(register)
+
+    deregister = command(
+        "deregister",
+        "Remove an instance.",
+        _deregister,
+        "Needs the token its Register returned (--token or REGISTRY_TOKEN).",
+    )
+    deregister.add_argument("name", help="the service name")
+    deregister.add_argument("instance_id", help="the instance id")
+    deregister.add_argument(
+        "--token",
+        default=os.environ.get("REGISTRY_TOKEN", ""),
+        help="the instance token (env REGISTRY_TOKEN)",
+    )
+    client_options(deregister)
+
+    history = command(
+        "history",
+        "Show the status transitions of a service, newest first.",
+        _history,
+        "Each line has the time, revision, instance, the statuses before and "
+        "after, and why: the probe's result, or the service's own request.",
+    )
+    history.add_argument("name", help="the service name")
+    history.add_argument("--instance", default="", help="only this instance id")
+    history.add_argument(
+        "--limit", type=int, default=0, help="how many (default: the server's, 20)"
+    )
+    client_options(history)
     return parser
 
 
@@ -130,10 +217,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _serve(args: argparse.Namespace) -> None:
     config = configuration.load(args)
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    try:
+        logs.configure(config.log_level, config.log_format)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
     try:
         if config.database_url is not None:
             trio.run(_serve_until_signalled, config, config.database_url)
@@ -161,6 +248,9 @@ def _first_leaf(exc: BaseException) -> BaseException:
 async def _serve_until_signalled(
     config: configuration.Config, database_url: str
 ) -> None:
+    # Imported here: the client commands start faster without it.
+    from .app import Replica
+
     replica = Replica(config, database_url)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
@@ -174,57 +264,41 @@ async def _serve_until_signalled(
 # --- client commands ---------------------------------------------------------
 
 
-def _target(args: argparse.Namespace) -> tuple[str, int]:
-    host, _, port = args.target.rpartition(":")
-    if not host or not port.isdigit():
-        raise CommandError(f"--target {args.target!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)
+T = TypeVar("T")
 
 
-@contextmanager
-def _client_errors(args: argparse.Namespace) -> Iterator[None]:
-    """Turn what a call can fail with into a one-line CommandError."""
+def _run_client(
+    args: argparse.Namespace, work: Callable[[client.Client], Awaitable[T]]
+) -> T:
+    """Run `work` with a client of --target; a failed call exits with its
+    one-line reason."""
     try:
-        yield
-    except (Exception, BaseExceptionGroup) as raised:
-        exc: BaseException = raised
-        # purerpc's channel raises from inside a task group.
-        if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-            exc = _first_leaf(exc)
-        if isinstance(exc, trio.TooSlowError):
-            raise CommandError(
-                f"no answer from {args.target} within {args.timeout}s"
-            ) from None
-        if isinstance(exc, purerpc.RpcFailedError):
-            raise CommandError(_describe(exc)) from None
-        if isinstance(exc, OSError):
-            raise CommandError(
-                f"cannot reach {args.target}: {exc.strerror or exc}"
-            ) from None
-        raise
+        endpoints = client.parse_endpoints(args.target)
+    except ValueError as exc:
+        raise CommandError(f"--target: {exc}") from None
 
+    async def run() -> T:
+        async with client.connect(endpoints, timeout=args.timeout) as connected:
+            return await work(connected)
 
-async def _unary(args: argparse.Namespace, method: str, request: Any) -> Any:
-    host, port = _target(args)
-    with _client_errors(args), trio.fail_after(args.timeout):
-        async with purerpc.insecure_channel(host, port) as channel:
-            return await getattr(RegistryStub(channel), method)(request)
-
-
-def _describe(exc: Any) -> str:
-    status = exc.status
-    return f"{status.status_code.name}: {status.status_message}"
+    try:
+        return trio.run(run)
+    except client.ClientError as exc:
+        raise CommandError(str(exc)) from None
 
 
 def _list(args: argparse.Namespace) -> None:
-    status = f"STATUS_{args.status.upper()}" if args.status else "STATUS_UNSPECIFIED"
-    request = pb.ListRequest(name=args.name, status=status, version=args.version)
-    response = trio.run(_unary, args, "List", request)
+    response = _run_client(
+        args,
+        lambda c: c.list(
+            name=args.name, status=args.status or "", version=args.version
+        ),
+    )
     _print_instances(args, response)
 
 
 def _resolve(args: argparse.Namespace) -> None:
-    response = trio.run(_unary, args, "Resolve", pb.ResolveRequest(name=args.name))
+    response = _run_client(args, lambda c: c.resolve(args.name))
     _print_instances(args, response)
 
 
@@ -264,54 +338,211 @@ def _as_dict(message: Any) -> dict[str, Any]:
 
 
 def _watch(args: argparse.Namespace) -> None:
-    request = pb.WatchRequest(
-        names=args.names, from_revision=args.from_revision, snapshot=args.snapshot
-    )
+    async def follow(connected: client.Client) -> None:
+        async with connected.watch(
+            args.names, from_revision=args.from_revision, snapshot=args.snapshot
+        ) as events:
+            async for item in events:
+                _print_watch_item(args, item)
+
     try:
-        trio.run(_print_watch, args, request)
+        _run_client(args, follow)
     except KeyboardInterrupt:
         return
 
 
-async def _print_watch(args: argparse.Namespace, request: Any) -> None:
-    host, port = _target(args)
-    last = request.from_revision
-    with _client_errors(args):
-        async with purerpc.insecure_channel(host, port) as channel:
-            async for response in RegistryStub(channel).Watch(request):
-                last = _print_watch_response(args, response) or last
-    raise CommandError(
-        f"the replica ended the stream (it is shutting down); resume with --from {last}"
-    )
+def _print_watch_item(args: argparse.Namespace, item: Any) -> None:
+    if isinstance(item, client.Snapshot):
+        for instance in item.instances:
+            if args.json:
+                _print_json(pb.WatchResponse(snapshot=instance))
+            else:
+                print(
+                    f"snapshot  {instance.name}/{instance.instance_id}  "
+                    f"{_status(instance.status)}"
+                )
+        if isinstance(item, client.Resynced):
+            if args.json:
+                print(json.dumps({"resynced": {"revision": str(item.revision)}}))
+            else:
+                print(
+                    "the events missed were compacted away: resynced from a "
+                    f"snapshot at revision {item.revision}"
+                )
+        elif args.json:
+            _print_json(
+                pb.WatchResponse(snapshot_end=pb.SnapshotEnd(revision=item.revision))
+            )
+        else:
+            print(f"snapshot taken at revision {item.revision}")
+    elif args.json:
+        _print_json(pb.WatchResponse(event=item))
+    else:
+        instance = item.instance
+        when = item.time.ToDatetime(tzinfo=UTC).isoformat(timespec="milliseconds")
+        print(
+            f"{when}  {item.revision:>8}  {_event_type(item.type):<14}  "
+            f"{instance.name}/{instance.instance_id}  {_status(instance.status)}"
+        )
+    sys.stdout.flush()
 
 
-def _print_watch_response(args: argparse.Namespace, response: Any) -> int:
-    """Print one response; return the revision it brings the stream to."""
-    kind = response.WhichOneof("kind")
+def _print_json(message: Any) -> None:
+    print(json.dumps(_as_dict(message)))
+
+
+def _register(args: argparse.Namespace) -> None:
+    request = _registration(args)
+
+    async def hold(connected: client.Client) -> client.Registration:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with connected.registered(request) as me:
+                _print_registered(args, me)
+                async for _ in signals:
+                    break
+        return me
+
+    me = _run_client(args, hold)
+    if me.leave_error is not None:
+        raise CommandError(me.leave_error)
+    who = f"{me.name}/{me.instance_id}"
     if args.json:
-        print(json.dumps(_as_dict(response)), flush=True)
-    elif kind == "event":
-        event = response.event
-        instance = event.instance
-        when = event.time.ToDatetime(tzinfo=UTC).isoformat(timespec="milliseconds")
-        print(
-            f"{when}  {event.revision:>8}  {_event_type(event.type):<14}  "
-            f"{instance.name}/{instance.instance_id}  {_status(instance.status)}",
-            flush=True,
+        left: dict[str, Any] = {"name": me.name, "instance_id": me.instance_id}
+        if me.deregistered_revision is not None:
+            left["revision"] = str(me.deregistered_revision)
+        print(json.dumps({"deregistered": left}))
+    elif me.deregistered_revision is None:
+        print(f"{who} was already gone")
+    else:
+        print(f"deregistered {who} at revision {me.deregistered_revision}")
+
+
+def _print_registered(args: argparse.Namespace, me: client.Registration) -> None:
+    if args.json:
+        print(json.dumps(_as_dict(me.response)), flush=True)
+        return
+    ports = " ".join(f"{name}={port}" for name, port in me.ports.items())
+    print(
+        f"registered {me.name}/{me.instance_id} generation {me.generation} "
+        f"at revision {me.revision} ({_status(me.instance.status)})"
+    )
+    _print_table(
+        [
+            ("instance", me.instance_id),
+            ("token", me.token),
+            ("ports", ports or "-"),
+            ("queues", " ".join(me.queues) or "-"),
+        ]
+    )
+    print("holding it until SIGINT or SIGTERM, then draining and deregistering")
+    sys.stdout.flush()
+
+
+def _registration(args: argparse.Namespace) -> Any:
+    """The RegisterRequest of --file, overridden by the flags."""
+    request = pb.RegisterRequest()
+    if args.file:
+        try:
+            with open(args.file, "rb") as file:
+                if args.file.endswith(".toml"):
+                    fields = tomllib.load(file)
+                else:
+                    fields = json.load(file)
+            ParseDict(fields, request)
+        except OSError as exc:
+            raise CommandError(f"--file {args.file}: {exc.strerror}") from None
+        except (ValueError, ParseError) as exc:
+            # tomllib and json errors are ValueErrors.
+            raise CommandError(f"--file {args.file}: {exc}") from None
+
+    for field in ("name", "instance_id", "address", "version", "description"):
+        value = getattr(args, field)
+        if value:
+            setattr(request, field, value)
+    if args.api:
+        del request.apis[:]
+        for item in args.api:
+            name, sep, port = item.partition("=")
+            if not sep or not port.isdigit():
+                raise CommandError(f"--api {item!r} is not NAME=PORT")
+            request.apis.add(name=name, port=int(port))
+    if args.broker:
+        del request.brokers[:]
+        for item in args.broker:
+            exchange, _, rest = item.partition(":")
+            routing_key, _, kind = rest.partition(":")
+            if kind not in ("", "queue", "topic"):
+                raise CommandError(
+                    f"--broker {item!r}: the type is queue or topic, not {kind!r}"
+                )
+            request.brokers.add(
+                exchange=exchange,
+                routing_key=routing_key,
+                type=f"BROKER_TYPE_{(kind or 'queue').upper()}",
+            )
+    if args.metadata:
+        request.metadata.clear()
+        for item in args.metadata:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise CommandError(f"--metadata {item!r} is not KEY=VALUE")
+            request.metadata[key] = value
+    if args.follow:
+        del request.follows[:]
+        request.follows.extend(args.follow)
+    if args.ttl is not None:
+        check = pb.HealthCheck()
+        check.ttl.ttl.FromNanoseconds(round(args.ttl * 1e9))
+        request.check.CopyFrom(check)
+    if not request.name:
+        raise CommandError("which service? give NAME, or a --file with a name")
+    return request
+
+
+def _deregister(args: argparse.Namespace) -> None:
+    if not args.token:
+        raise CommandError("the instance token is needed: --token or REGISTRY_TOKEN")
+    revision = _run_client(
+        args, lambda c: c.deregister(args.name, args.instance_id, args.token)
+    )
+    if args.json:
+        _print_json(pb.DeregisterResponse(revision=revision))
+    else:
+        print(f"deregistered {args.name}/{args.instance_id} at revision {revision}")
+
+
+def _history(args: argparse.Namespace) -> None:
+    response = _run_client(
+        args,
+        lambda c: c.history(args.name, instance_id=args.instance, limit=args.limit),
+    )
+    if args.json:
+        print(json.dumps(_as_dict(response), indent=2))
+        return
+    rows = [
+        (
+            t.time.ToDatetime(tzinfo=UTC).isoformat(timespec="milliseconds"),
+            str(t.revision),
+            t.instance_id,
+            _status(t.from_status),
+            _status(t.to_status),
+            _reason(t),
         )
-    elif kind == "snapshot":
-        instance = response.snapshot
-        print(
-            f"snapshot  {instance.name}/{instance.instance_id}  "
-            f"{_status(instance.status)}",
-            flush=True,
-        )
-    elif kind == "snapshot_end":
-        print(
-            f"snapshot taken at revision {response.snapshot_end.revision}", flush=True
-        )
-    revision: int = getattr(response, kind).revision
-    return revision
+        for t in response.transitions
+    ]
+    header = ("TIME", "REVISION", "INSTANCE", "FROM", "TO", "WHY")
+    _print_table([header, *rows])
+    print(f"{len(rows)} transition(s)")
+
+
+def _reason(transition: Any) -> str:
+    if not transition.HasField("probe"):
+        return "asked by the service"
+    probe = transition.probe
+    code = f" ({probe.code})" if probe.code else ""
+    if probe.healthy:
+        return f"probe healthy{code}"
+    return f"probe failed{code}: {probe.error or 'no detail'}"
 
 
 def _status(value: int) -> str:

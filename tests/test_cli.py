@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from functools import partial
+from pathlib import Path
 
 import pytest
 import trio
+from google.protobuf.duration_pb2 import Duration
 
-from harness import WAIT, grpc_client, registration, start_replica
+from harness import WAIT, grpc_client, registration, replica_process, start_replica
 from registry.app import Replica
+from registry.v1 import registry_pb2 as pb
 
 
 async def registry_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
@@ -31,7 +35,7 @@ async def replica(nursery: trio.Nursery, database_url: str) -> Replica:
     replica = await start_replica(nursery, database_url)
     assert replica.port is not None
     async with grpc_client(replica.port) as client:
-        await client.call("Register", registration("billing", "b-1"))
+        await client.call("Register", registration("billing", "b-1", port=8090))
         await client.call("Register", registration("orders", "o-1", version="2.0.0"))
     return replica
 
@@ -152,7 +156,10 @@ async def test_cli_watch_prints_snapshot_then_live_events(replica: Replica) -> N
     assert live["event"]["instance"]["instance_id"] == "b-2"
 
 
-@pytest.mark.parametrize("command", ["serve", "list", "resolve", "watch"])
+@pytest.mark.parametrize(
+    "command",
+    ["serve", "list", "resolve", "watch", "register", "deregister", "history"],
+)
 async def test_cli_help_explains_each_command_with_an_example(command: str) -> None:
     result = await registry_cli(command, "--help")
     assert result.returncode == 0
@@ -170,3 +177,247 @@ async def test_cli_serve_rejects_a_bad_setting() -> None:
         )
     assert result.returncode == 1
     assert "REGISTRY_PORT='fifty' is not a valid port" in result.stderr.decode()
+
+
+# --- commands over registry.client --------------------------------------------
+
+
+@asynccontextmanager
+async def running(*args: str) -> AsyncIterator[tuple[trio.Process, AsyncIterator[str]]]:
+    """`registry ARGS` running, with its output lines; killed on the way out
+    if still running."""
+    async with trio.open_nursery() as nursery:
+        process: trio.Process = await nursery.start(
+            partial(
+                trio.run_process,
+                [sys.executable, "-m", "registry", *args],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                check=False,
+            )
+        )
+        assert process.stdout is not None
+        try:
+            async with aclosing(_lines(process.stdout)) as lines:
+                yield process, lines
+        finally:
+            if process.returncode is None:
+                process.kill()
+
+
+async def instance_ids(replica: Replica, name: str) -> list[str]:
+    assert replica.port is not None
+    async with grpc_client(replica.port) as client:
+        response = await client.call("List", pb.ListRequest(name=name))
+    return [i.instance_id for i in response.instances]
+
+
+async def test_cli_register_holds_the_registration_until_sigterm(
+    replica: Replica,
+) -> None:
+    async with running(
+        "register",
+        "payments",
+        "--instance-id=p-1",
+        "--address=10.0.0.9",
+        "--api=grpc=0",
+        "--metadata=team=money",
+        "--json",
+        target(replica),
+    ) as (process, lines):
+        with trio.fail_after(WAIT):
+            registered = json.loads(await anext(lines))
+        assert registered["instance"]["instance_id"] == "p-1"
+        assert registered["instance"]["metadata"] == {"team": "money"}
+        assert registered["token"]
+        assert registered["instance"]["apis"][0]["port"] != 0
+        assert await instance_ids(replica, "payments") == ["p-1"]
+
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(WAIT):
+            left = json.loads(await anext(lines))
+            assert await process.wait() == 0
+    assert await instance_ids(replica, "payments") == []
+    assert left == {
+        "deregistered": {
+            "name": "payments",
+            "instance_id": "p-1",
+            "revision": str(int(registered["revision"]) + 2),
+        }
+    }
+
+
+async def test_cli_register_from_a_toml_file_prints_what_it_was_given(
+    replica: Replica, tmp_path: Path
+) -> None:
+    file = tmp_path / "payments.toml"
+    file.write_text(
+        'name = "payments"\n'
+        'instance_id = "p-2"\n'
+        'address = "10.0.0.9"\n'
+        'apis = [{ name = "http", port = 8080 }]\n'
+        'metadata = { team = "money" }\n'
+    )
+    # A flag overrides the file.
+    async with running(
+        "register", f"--file={file}", "--address=10.0.0.10", target(replica)
+    ) as (process, lines):
+        with trio.fail_after(WAIT):
+            head = [await anext(lines) for _ in range(5)]
+        assert head[0] == "registered payments/p-2 generation 1 at revision 3 (active)"
+        assert head[1].split() == ["instance", "p-2"]
+        assert head[2].split()[0] == "token"
+        assert head[3].split()[0] == "ports"
+        assert head[3].split()[1].startswith("http=")
+        assert head[4].split() == ["queues", "-"]
+        assert await instance_ids(replica, "payments") == ["p-2"]
+
+        process.send_signal(signal.SIGINT)
+        with trio.fail_after(WAIT):
+            while not (line := await anext(lines)).startswith("deregistered"):
+                pass
+            assert await process.wait() == 0
+    assert line == "deregistered payments/p-2 at revision 5"
+
+
+async def test_cli_register_refuses_a_bad_request_with_its_reason(
+    replica: Replica,
+) -> None:
+    result = await registry_cli(
+        "register", "payments", "--address=10.0.0.9", "--api=grpc", target(replica)
+    )
+    assert result.returncode == 1
+    assert (
+        result.stderr.decode() == "registry register: --api 'grpc' is not NAME=PORT\n"
+    )
+
+    result = await registry_cli("register", "Pay Ments", "--address=x", target(replica))
+    assert result.returncode == 1
+    assert result.stderr.decode().startswith(
+        "registry register: INVALID_ARGUMENT: name"
+    )
+
+
+async def test_cli_deregister_removes_an_instance_with_its_token(
+    replica: Replica,
+) -> None:
+    assert replica.port is not None
+    async with grpc_client(replica.port) as client:
+        token = (await client.call("Register", registration("payments", "p-1"))).token
+
+    wrong = await registry_cli(
+        "deregister", "payments", "p-1", "--token", token[:-2] + "xx", target(replica)
+    )
+    assert wrong.returncode == 1
+    assert wrong.stderr.decode().startswith("registry deregister: PERMISSION_DENIED: ")
+
+    result = await registry_cli(
+        "deregister", "payments", "p-1", "--token", token, "--json", target(replica)
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"revision": "4"}
+    assert await instance_ids(replica, "payments") == []
+
+    again = await registry_cli(
+        "deregister", "payments", "p-1", "--token", token, target(replica)
+    )
+    assert again.returncode == 1
+    assert again.stderr.decode().splitlines() == [
+        "registry deregister: NOT_FOUND: no instance 'p-1' of 'payments' is registered"
+    ]
+
+
+async def test_cli_history_shows_status_transitions(replica: Replica) -> None:
+    assert replica.port is not None
+    request = registration("payments", "p-1")
+    request.check.CopyFrom(
+        pb.HealthCheck(ttl=pb.TtlCheck(ttl=Duration(seconds=30)), success_threshold=1)
+    )
+    async with grpc_client(replica.port) as client:
+        token = (await client.call("Register", request)).token
+        owner = {"name": "payments", "instance_id": "p-1", "token": token}
+        await client.call("Heartbeat", pb.HeartbeatRequest(**owner))
+        drained = await client.call("Drain", pb.DrainRequest(**owner))
+
+    result = await registry_cli("history", "payments", target(replica))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.decode().splitlines()
+    assert lines[0].split() == ["TIME", "REVISION", "INSTANCE", "FROM", "TO", "WHY"]
+    # Newest first.
+    assert lines[1].split()[1:] == [
+        str(drained.revision),
+        "p-1",
+        "active",
+        "draining",
+        "asked",
+        "by",
+        "the",
+        "service",
+    ]
+    assert lines[2].split()[2:5] == ["p-1", "pending", "active"]
+    assert lines[-1] == "2 transition(s)"
+
+    result = await registry_cli(
+        "history",
+        "payments",
+        "--instance",
+        "p-1",
+        "--limit",
+        "1",
+        "--json",
+        target(replica),
+    )
+    assert result.returncode == 0, result.stderr
+    (transition,) = json.loads(result.stdout)["transitions"]
+    assert (transition["from_status"], transition["to_status"]) == (
+        "STATUS_ACTIVE",
+        "STATUS_DRAINING",
+    )
+
+
+async def test_cli_tries_each_target_in_turn(replica: Replica) -> None:
+    with trio.socket.socket() as unused:
+        await unused.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{unused.getsockname()[1]}"
+    result = await registry_cli(
+        "resolve", "billing", "--json", f"--target={dead},127.0.0.1:{replica.port}"
+    )
+    assert result.returncode == 0, result.stderr
+    assert [i["instance_id"] for i in json.loads(result.stdout)["instances"]] == ["b-1"]
+
+    result = await registry_cli("list", "--target=localhost")
+    assert result.returncode == 1
+    assert result.stderr.decode().startswith(
+        "registry list: --target: endpoint 'localhost' is not HOST:PORT"
+    )
+
+
+@pytest.mark.slow
+async def test_cli_watch_resumes_on_another_replica_when_its_replica_dies(
+    database_url: str,
+) -> None:
+    async with (
+        replica_process(database_url) as a,
+        replica_process(database_url) as b,
+        grpc_client(b.port) as client,
+        running(
+            "watch",
+            "--snapshot",
+            "--json",
+            f"--target=127.0.0.1:{a.port},127.0.0.1:{b.port}",
+        ) as (_, lines),
+    ):
+        seen = []
+        with trio.fail_after(WAIT):
+            # An empty snapshot: the stream is open.
+            assert list(json.loads(await anext(lines))) == ["snapshot_end"]
+            await client.call("Register", registration("billing", "b-1"))
+            seen.append(json.loads(await anext(lines))["event"]["revision"])
+        a.kill()
+        # Written while it is cut off: it finds them on b, once each.
+        for n in range(2, 5):
+            await client.call("Register", registration("billing", f"b-{n}"))
+        with trio.fail_after(WAIT):
+            while len(seen) < 4:
+                seen.append(json.loads(await anext(lines))["event"]["revision"])
+    assert seen == ["1", "2", "3", "4"]
