@@ -49,6 +49,12 @@ fmt: setup
 proto: setup
     {{ python }} proto/generate.py
 
+# Check deploy/: the Kubernetes manifests against the API schemas that
+# kubernetes-validate bundles (offline), and the Dockerfile with hadolint.
+deploy-check: setup
+    {{ venv }}/bin/kubernetes-validate --strict --quiet deploy/kubernetes/*.yaml deploy/kubernetes/examples/*.yaml
+    {{ venv }}/bin/hadolint deploy/Dockerfile
+
 # Measure (not test) the registry under load.
 bench *ARGS: setup
     @[ -d bench ] || { echo "just bench: there is no bench/ folder in this checkout; the load generator goes there (DESIGN.md, Layout)" >&2; exit 1; }
