@@ -2,8 +2,8 @@
 
 purerpc supplies the sans-io part: HTTP/2 through h2, gRPC headers, message
 framing. Its own Server is not used, because it leaves too much undone for a
-registry (see NOTES.md of the project); this module is the Trio shell that
-does it:
+registry (it ignores deadlines and client cancels, and leaks handler errors
+to the client); this module is the Trio shell that does it:
 
 - a call runs under the caller's `grpc-timeout`, and ends with
   DEADLINE_EXCEEDED when it passes;
