@@ -113,6 +113,23 @@ def test_dockerfile_passes_hadolint_and_matches_the_deployment() -> None:
     [exposed] = re.findall(r"^EXPOSE (.+)$", text, re.MULTILINE)
     ports = {port["containerPort"] for port in container()["ports"]}
     assert {int(port) for port in exposed.split()} == ports
-    [user] = re.findall(r"^USER (\d+)$", text, re.MULTILINE)
-    pod = resource("Deployment")["spec"]["template"]["spec"]
-    assert int(user) == pod["securityContext"]["runAsUser"]
+    [(user, group)] = re.findall(r"^USER (\d+):(\d+)$", text, re.MULTILINE)
+    context = resource("Deployment")["spec"]["template"]["spec"]["securityContext"]
+    assert int(user) == context["runAsUser"]
+    assert int(group) == context["runAsGroup"]
+    # The user made in the image has that uid and belongs to that group.
+    assert f"groupadd --system --gid {group} registry" in text
+    assert re.search(rf"useradd --system --uid {user} --gid {group}\b", text)
+
+
+def test_dockerignore_keeps_local_state_out_of_the_build_context() -> None:
+    # The Dockerfile is built with the repository root as its context, where
+    # Docker reads .dockerignore from.
+    ignored = (DEPLOY.parent / ".dockerignore").read_text().split("\n")
+    patterns = {line.strip() for line in ignored if line and not line.startswith("#")}
+    assert {".git", ".venv", "**/__pycache__", ".mypy_cache", ".pytest_cache"} <= (
+        patterns
+    )
+    # What the build stage copies stays in.
+    for needed in ("pyproject.toml", "README.md", "schema.sql", "registry"):
+        assert needed not in patterns
