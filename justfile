@@ -57,5 +57,5 @@ deploy-check: setup
 
 # Measure (not test) the registry under load.
 bench *ARGS: setup
-    @[ -d bench ] || { echo "just bench: there is no bench/ folder in this checkout; the load generator goes there (DESIGN.md, Layout)" >&2; exit 1; }
+    @[ -d bench ] || { echo "just bench: this checkout has no bench/ folder, where the load generator lives" >&2; exit 1; }
     {{ python }} -m bench "$@"
