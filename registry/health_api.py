@@ -53,6 +53,7 @@ class HealthApi:
                 instance_id,
                 beat.status.value,
                 beat.revision,
+                extra={"instance": f"{name}/{instance_id}", "revision": beat.revision},
             )
         return pb.HeartbeatResponse(
             status=STATUS_TO_PB[beat.status], ttl=_duration(beat.ttl)
@@ -69,6 +70,7 @@ class HealthApi:
             instance_id,
             before.value,
             revision,
+            extra={"instance": f"{name}/{instance_id}", "revision": revision},
         )
         return pb.DrainResponse(revision=revision)
 

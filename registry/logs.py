@@ -12,6 +12,7 @@ In JSON, each record is one object on one line:
 
 A call site adds `instance` and `revision` with
 `log.info(..., extra={"instance": f"{name}/{instance_id}", "revision": n})`.
+In text, they follow the message as `instance=billing/b-1 revision=13`.
 """
 
 from __future__ import annotations
@@ -21,12 +22,30 @@ import logging
 import sys
 from datetime import UTC, datetime
 
-__all__ = ["FORMATS", "JsonFormatter", "configure"]
+__all__ = ["FORMATS", "JsonFormatter", "TextFormatter", "configure"]
 
 FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
-# Attributes a call site may add through `extra`, in the order they print.
+# Attributes a call site may add through `extra`, in the order that both
+# formats print them.
 CONTEXT_FIELDS = ("instance", "revision")
+
+
+class TextFormatter(logging.Formatter):
+    """TEXT_FORMAT, then ` name=value` for each context field the record has."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # Here rather than in format(): the fields stay on the message's
+        # line, above a traceback.
+        line = super().formatMessage(record)
+        for name in CONTEXT_FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                line += f" {name}={value}"
+        return line
 
 
 class JsonFormatter(logging.Formatter):
@@ -57,7 +76,5 @@ def configure(level: str, log_format: str) -> None:
             f"log format {log_format!r} is not one of {', '.join(FORMATS)}"
         )
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
-    )
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)

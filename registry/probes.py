@@ -274,6 +274,7 @@ class Prober:
                 claim.name,
                 claim.instance_id,
                 exc,
+                extra={"instance": f"{claim.name}/{claim.instance_id}"},
             )
         finally:
             self._limiter.release_on_behalf_of(borrower)
@@ -291,6 +292,7 @@ class Prober:
 
     def _log(self, claim: probe_store.Claim, recorded: probe_store.Recorded) -> None:
         who = f"{claim.name}/{claim.instance_id}"
+        context = {"instance": who, "revision": recorded.revision}
         result, step = recorded.result, recorded.step
         why = "healthy" if result.healthy else result.error
         if step.deregister:
@@ -300,6 +302,7 @@ class Prober:
                 recorded.revision,
                 self.policy(claim.check).deregister_after,
                 why,
+                extra=context,
             )
         elif step.transition is not None:
             before, after = step.transition
@@ -310,9 +313,14 @@ class Prober:
                 before.value,
                 recorded.revision,
                 why,
+                extra=context,
             )
         elif step.held:
-            log.debug("not deregistering %s: the deregistration guard holds", who)
+            log.debug(
+                "not deregistering %s: the deregistration guard holds",
+                who,
+                extra={"instance": who},
+            )
 
     def _update_guard(self) -> None:
         change = self.guard.update(trio.current_time())

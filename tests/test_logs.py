@@ -15,7 +15,8 @@ import pytest
 import trio
 
 from harness import WAIT, grpc_client, registration
-from registry.logs import JsonFormatter
+from registry.logs import JsonFormatter, TextFormatter
+from registry.v1 import registry_pb2 as pb
 
 FIELDS = {"time", "level", "logger", "message"}
 DOCUMENTED = FIELDS | {"instance", "revision", "exception"}
@@ -76,7 +77,15 @@ async def test_serve_with_json_logs_writes_documented_fields_on_every_line(
         port = int(ready["message"].rsplit(":", 1)[1])
         async with grpc_client(port) as client:
             registered = await client.call("Register", registration(instance_id="b-1"))
-        await logs.until("registered billing/b-1")
+            await logs.until("registered billing/b-1")
+            # A status change, through the health API, names its instance too.
+            drained = await client.call(
+                "Drain",
+                pb.DrainRequest(
+                    name="billing", instance_id="b-1", token=registered.token
+                ),
+            )
+        draining = await logs.until("billing/b-1 is draining")
         process.send_signal(signal.SIGTERM)
         await logs.to_the_end()
         with trio.fail_after(WAIT):
@@ -97,6 +106,10 @@ async def test_serve_with_json_logs_writes_documented_fields_on_every_line(
     assert write["logger"] == "registry.service"
     assert write["instance"] == "billing/b-1"
     assert write["revision"] == registered.revision == 1
+    assert draining["logger"] == "registry.health_api"
+    assert draining["level"] == "INFO"
+    assert draining["instance"] == "billing/b-1"
+    assert draining["revision"] == drained.revision == 2
     assert ready["logger"] == "registry.app"
     assert ready["revision"] == 0
     assert any(r["message"].startswith("draining:") for r in logs.records)
@@ -118,6 +131,36 @@ def test_json_formatter_carries_the_traceback_and_only_the_context_given() -> No
     assert entry["revision"] == 7
     assert "instance" not in entry
     assert entry["exception"].endswith("ValueError: boom")
+
+
+def test_text_formatter_puts_the_context_given_after_the_message() -> None:
+    record = logging.LogRecord(
+        "registry.probes", logging.INFO, __file__, 1, "%s is %s", ("b", "up"), None
+    )
+    record.instance = "billing/b-1"
+    record.revision = 12
+    line = TextFormatter().format(record)
+    assert line.endswith(
+        " INFO registry.probes b is up instance=billing/b-1 revision=12"
+    )
+
+    # Only what the call site gave, and on the message's line, above a traceback.
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.LogRecord(
+            "registry.app", logging.ERROR, __file__, 1, "failed", (), sys.exc_info()
+        )
+    record.revision = 0
+    first, *traceback = TextFormatter().format(record).split("\n")
+    assert first.endswith(" ERROR registry.app failed revision=0")
+    assert traceback[0] == "Traceback (most recent call last):"
+    assert traceback[-1] == "ValueError: boom"
+
+    plain = logging.LogRecord(
+        "registry.app", logging.INFO, __file__, 1, "replica stopped", (), None
+    )
+    assert TextFormatter().format(plain).endswith(" INFO registry.app replica stopped")
 
 
 async def test_serve_refuses_an_unknown_log_format() -> None:
