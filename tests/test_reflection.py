@@ -10,6 +10,7 @@ import logging
 import queue
 import struct
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
@@ -36,10 +37,43 @@ REGISTRY = "registry.v1.Registry"
 ECHO = "/test.v1.Echo/Echo"
 
 
+@dataclass(frozen=True)
+class _CallDetails(grpc.ClientCallDetails):  # type: ignore[misc]  # grpc is untyped
+    method: str
+    timeout: float | None
+    metadata: Any
+    credentials: Any
+    wait_for_ready: bool | None
+    compression: Any
+
+
+class _Deadline(grpc.StreamStreamClientInterceptor):  # type: ignore[misc]  # grpc is untyped
+    """Gives every call without a deadline one of `seconds`: grpcio-reflection's
+    client sets none, and a server that never answered would hang the run."""
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+
+    def intercept_stream_stream(
+        self, continuation: Any, details: Any, request_iterator: Any
+    ) -> Any:
+        if details.timeout is None:
+            details = _CallDetails(
+                details.method,
+                self._seconds,
+                details.metadata,
+                details.credentials,
+                details.wait_for_ready,
+                details.compression,
+            )
+        return continuation(details, request_iterator)
+
+
 def _reflect(target: str) -> tuple[set[str], descriptor_pool.DescriptorPool]:
     """What grpcio-reflection learns of a server: its services, and a pool
     of the descriptors it fetched. Blocking: runs in a thread."""
-    with grpc.insecure_channel(target) as channel:
+    with grpc.insecure_channel(target) as plain:
+        channel = grpc.intercept_channel(plain, _Deadline(WAIT))
         database = ProtoReflectionDescriptorDatabase(channel)
         services = set(database.get_services())
         pool = descriptor_pool.DescriptorPool(database)
@@ -395,7 +429,7 @@ async def test_client_cancel_ends_a_handler_waiting_for_requests(
         call = _echo_call(client.channel)(feed(), timeout=WAIT)
         assert (await in_thread(next, call)).status == len("one")
         call.cancel()
-        with trio.fail_after(1.0):
+        with trio.fail_after(WAIT):
             await echo.ended.wait()
         never_ending.put(None)
     nursery.cancel_scope.cancel()
