@@ -324,7 +324,7 @@ CREATE INDEX IF NOT EXISTS transitions_created_at
 -- Ports held on each address (local and remote port modes). The primary key
 -- is what makes a port go to one instance only, whatever the replicas do at
 -- the same moment; registrations on one address also take turns (an advisory
--- lock, see store.put_instance), so that they never wait on each other's
+-- lock, see registry.register below), so that they never wait on each other's
 -- uncommitted rows. A new generation replaces its instance's rows in the
 -- transaction that stores it; deregistration drops them (ON DELETE CASCADE).
 CREATE TABLE IF NOT EXISTS registry.ports (
@@ -337,11 +337,67 @@ CREATE TABLE IF NOT EXISTS registry.ports (
     api text NOT NULL,
     PRIMARY KEY (address, port),
     -- Checked at commit: a first registration writes its ports before the
-    -- instance's row (see store.put_instance).
+    -- instance's row (see registry.register).
     FOREIGN KEY (name, instance_id) REFERENCES registry.instances (name, instance_id)
         ON DELETE CASCADE DEFERRABLE INITIALLY DEFERRED
 );
 CREATE INDEX IF NOT EXISTS ports_instance ON registry.ports (name, instance_id);
+
+-- Register in one statement: one round trip and one implicit transaction, so
+-- the revision counter's lock is never held across a round trip to the
+-- replica. Under its address's turn (an advisory lock: registrations on one
+-- address never wait on each other's uncommitted port rows, and two such
+-- waits could deadlock) it refuses a port that another instance holds on the
+-- address, with SQLSTATE RG001 and the holder as JSON in the DETAIL; else it
+-- replaces the instance's ports with p_apis' and stores the entry as its next
+-- generation. The instance's row is locked before its ports, the order in
+-- which deregistration takes them (the delete cascades); the ports are written
+-- before the entry, whose trigger takes the counter's lock, so that as little
+-- as possible comes after it (the ports' foreign key is checked at commit).
+CREATE OR REPLACE FUNCTION registry.register(
+    p_name text, p_instance_id text, p_status text, p_address text,
+    p_address_key text, p_version text, p_description text, p_apis jsonb,
+    p_brokers jsonb, p_metadata jsonb, p_health_check jsonb, p_token_hash bytea,
+    p_follows jsonb, p_events_queue text
+) RETURNS registry.instances
+LANGUAGE plpgsql AS $$
+DECLARE
+    holder registry.ports;
+    stored registry.instances;
+BEGIN
+    -- The key space is "port" in ASCII; the second key is the address's.
+    PERFORM pg_advisory_xact_lock(1886351988, hashtext(p_address_key));
+    PERFORM 1 FROM registry.instances
+    WHERE name = p_name AND instance_id = p_instance_id
+    FOR UPDATE;
+
+    SELECT held.* INTO holder
+    FROM registry.ports AS held
+    JOIN jsonb_to_recordset(p_apis) AS api(name text, port integer)
+        ON held.port = api.port
+    WHERE held.address = p_address_key
+      AND (held.name, held.instance_id) <> (p_name, p_instance_id)
+    ORDER BY held.port
+    LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'port % on % is held by another instance',
+            holder.port, p_address_key
+        USING ERRCODE = 'RG001',
+              DETAIL = json_build_object('port', holder.port, 'name', holder.name,
+                  'instance_id', holder.instance_id, 'api', holder.api)::text;
+    END IF;
+
+    DELETE FROM registry.ports WHERE name = p_name AND instance_id = p_instance_id;
+    INSERT INTO registry.ports (address, port, name, instance_id, api)
+    SELECT p_address_key, api.port, p_name, p_instance_id, api.name
+    FROM jsonb_to_recordset(p_apis) AS api(name text, port integer);
+
+    SELECT * INTO stored FROM registry.put_instance(p_name, p_instance_id,
+        p_status, p_address, p_version, p_description, p_apis, p_brokers,
+        p_metadata, p_health_check, p_token_hash, p_follows, p_events_queue);
+    RETURN stored;
+END;
+$$;
 
 -- The RabbitMQ outbox: every event up to `published` has been published to
 -- the events exchange. One row, so that one replica at a time publishes, in

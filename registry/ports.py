@@ -12,9 +12,9 @@ Two modes, chosen per registry:
 In both modes a port the service names itself is kept if no other instance
 holds it on that address, and refused otherwise. Who holds what lives in the
 database (registry.ports, one row per address and port); this module only
-decides, given what is held. The store calls it inside the transaction that
-records the choice, and supplies `is_free`, the check that no other program
-has the port bound.
+decides, given what is held. The store calls it before the statement that
+records the choice, which checks again under the address's lock, and
+supplies `is_free`, the check that no other program has the port bound.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ __all__ = [
     "PortRange",
     "address_key",
     "assign",
+    "held_error",
     "parse_remote_ports",
 ]
 
@@ -203,7 +204,7 @@ def assign(
         return tuple(
             api
             if api.port
-            else Api(api.name, _remote_port(i, api, policy, address, held))
+            else Api(api.name, _remote_port(i, api, policy, address, held, named))
             for i, api in enumerate(apis)
         )
 
@@ -220,20 +221,30 @@ def assign(
     return tuple(result)
 
 
+def held_error(field: str, port: int, address: str, holder: Holder) -> AlreadyExists:
+    """The refusal of `port`, which `holder` holds on `address`."""
+    return AlreadyExists(
+        f"{field}: port {port} on {address} is held by {holder}; name another "
+        "port, register with port 0 to be given a free one, or deregister "
+        "that instance"
+    )
+
+
 def _refuse_held(
     field: str, port: int, address: str, held: Mapping[int, Holder]
 ) -> None:
     holder = held.get(port)
     if holder is not None:
-        raise AlreadyExists(
-            f"{field}: port {port} on {address} is held by {holder}; name another "
-            "port, register with port 0 to be given a free one, or deregister "
-            "that instance"
-        )
+        raise held_error(field, port, address, holder)
 
 
 def _remote_port(
-    index: int, api: Api, policy: PortPolicy, address: str, held: Mapping[int, Holder]
+    index: int,
+    api: Api,
+    policy: PortPolicy,
+    address: str,
+    held: Mapping[int, Holder],
+    named: Mapping[int, int],
 ) -> int:
     port = policy.remote.get(api.name)
     if port is None:
@@ -243,6 +254,12 @@ def _remote_port(
             f"but this registry (remote port mode) has none for that kind "
             f"(known: {known}); name the port, or add {api.name}=PORT to "
             "REGISTRY_REMOTE_PORTS"
+        )
+    if port in named:
+        raise InvalidArgument(
+            f"apis[{index}].port: 0 asks for the fixed port of api {api.name!r}, "
+            f"{port}, which apis[{named[port]}] names too; each api needs a port "
+            "of its own"
         )
     _refuse_held(f"apis[{index}].port", port, address, held)
     return port

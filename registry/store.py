@@ -4,6 +4,7 @@ trigger records the event (see schema.sql); nothing here writes events."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
@@ -33,6 +34,7 @@ from .ports import (
     PortPolicy,
     address_key,
     assign,
+    held_error,
 )
 
 _INSTANCE_COLUMNS = """
@@ -42,8 +44,11 @@ _INSTANCE_COLUMNS = """
 """
 
 
-# The advisory lock space of port choice (the second key is the address).
-_PORTS_LOCK = 0x706F7274  # "port"
+# registry.register's SQLSTATE for a port another instance holds.
+_PORT_HELD = "RG001"
+# Rounds of choosing ports from the local range before a registration gives
+# up: each lost one means another registration took a chosen port meanwhile.
+_CHOICE_ATTEMPTS = 5
 
 
 def check_to_json(check: HealthCheck | None) -> dict[str, Any] | None:
@@ -107,49 +112,26 @@ async def put_instance(
     events_queue: str = "",
 ) -> Instance:
     """Store `registration` as the next generation of its instance, with the
-    ports `ports` assigns to its APIs, in one transaction.
+    ports `ports` assigns to its APIs.
 
     AlreadyExists if a port it names is held by another instance on its
     address; ResourceExhausted if no port is left to assign.
+
+    One statement does the write (registry.register). Only an API that asks
+    for a port from the local range costs a read before it: what its address
+    holds, to choose from. Another registration may take a chosen port in
+    between; registry.register then refuses it, and the choice is made again.
     """
     address = address_key(registration.address)
-    is_free = (
-        free_port_check(address)
-        if ports.mode is PortMode.LOCAL
-        and any(api.port == 0 for api in registration.apis)
-        else None
+    choose = ports.mode is PortMode.LOCAL and any(
+        api.port == 0 for api in registration.apis
     )
-
-    async def put(conn: Connection) -> asyncpg.Record:
-        # Registrations on one address take turns choosing ports: the primary
-        # key of registry.ports alone would also keep two from one port, but by
-        # making the second wait on the first's uncommitted row, and two such
-        # waits can deadlock.
-        await conn.execute(
-            "SELECT pg_advisory_xact_lock($1, hashtext($2))", _PORTS_LOCK, address
-        )
-        # The instance's row before its ports, the order deregistration takes
-        # them in (the delete cascades to registry.ports).
-        await conn.execute(
-            "SELECT 1 FROM registry.instances"
-            " WHERE name = $1 AND instance_id = $2 FOR UPDATE",
-            registration.name,
-            registration.instance_id,
-        )
+    is_free = free_port_check(address) if choose else None
+    for _ in range(_CHOICE_ATTEMPTS):
         held: dict[int, Holder] = {}
         previous: dict[str, int] = {}
-        for row in await conn.fetch(
-            "SELECT port, name, instance_id, api FROM registry.ports"
-            " WHERE address = $1",
-            address,
-        ):
-            if (row["name"], row["instance_id"]) == (
-                registration.name,
-                registration.instance_id,
-            ):
-                previous[row["api"]] = row["port"]
-            else:
-                held[row["port"]] = Holder(row["name"], row["instance_id"], row["api"])
+        if choose:
+            held, previous = await _held_ports(db, address, registration)
         apis = assign(
             registration.apis,
             ports,
@@ -159,57 +141,73 @@ async def put_instance(
             is_free=is_free,
             offset=random.randrange(len(ports.range)),
         )
+        try:
+            row = await db.fetchrow(
+                f"SELECT {_INSTANCE_COLUMNS} FROM registry.register("
+                "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                registration.name,
+                registration.instance_id,
+                status.value,
+                registration.address,
+                address,
+                registration.version,
+                registration.description,
+                [dataclasses.asdict(api) for api in apis],
+                [dataclasses.asdict(broker) for broker in registration.brokers],
+                registration.metadata,
+                check_to_json(registration.check),
+                token_hash,
+                list(registration.follows),
+                events_queue,
+            )
+        except asyncpg.UniqueViolationError:
+            # Only a writer that skipped the address's lock gets here.
+            raise AlreadyExists(
+                f"apis: a port of this registration on {registration.address} was "
+                "taken at the same moment by another writer; register again"
+            ) from None
+        except asyncpg.PostgresError as exc:
+            if exc.sqlstate != _PORT_HELD:
+                raise
+            holder = json.loads(exc.detail)
+            index = next(i for i, a in enumerate(apis) if a.port == holder["port"])
+            if not choose or registration.apis[index].port:
+                # Named by the service, or fixed by the port mode: refused.
+                raise held_error(
+                    f"apis[{index}].port",
+                    holder["port"],
+                    registration.address,
+                    Holder(holder["name"], holder["instance_id"], holder["api"]),
+                ) from None
+            # Chosen here, and taken meanwhile: choose again.
+            continue
+        assert row is not None, "registry.register returns a row or raises"
+        return instance_from_row(row)
+    raise AlreadyExists(
+        f"apis: the ports chosen on {registration.address} were taken by other "
+        f"registrations at the same moment, {_CHOICE_ATTEMPTS} times; register again"
+    )
 
-        # The ports before the instance: storing it takes the revision
-        # counter's lock, which every registration waits for, so as little as
-        # possible comes after it (the foreign key is checked at commit).
-        await conn.execute(
-            "DELETE FROM registry.ports WHERE name = $1 AND instance_id = $2",
+
+async def _held_ports(
+    db: Database, address: str, registration: Registration
+) -> tuple[dict[int, Holder], dict[str, int]]:
+    """The ports other instances hold on `address`, and those the
+    registering instance held there before, by API."""
+    held: dict[int, Holder] = {}
+    previous: dict[str, int] = {}
+    for row in await db.fetch(
+        "SELECT port, name, instance_id, api FROM registry.ports WHERE address = $1",
+        address,
+    ):
+        if (row["name"], row["instance_id"]) == (
             registration.name,
             registration.instance_id,
-        )
-        await conn.execute(
-            """
-            INSERT INTO registry.ports (address, port, name, instance_id, api)
-            SELECT $1, port, $4, $5, api FROM unnest($2::text[], $3::int[])
-                AS held(api, port)
-            """,
-            address,
-            [api.name for api in apis],
-            [api.port for api in apis],
-            registration.name,
-            registration.instance_id,
-        )
-
-        stored = await conn.fetchrow(
-            f"SELECT {_INSTANCE_COLUMNS} FROM registry.put_instance("
-            "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-            registration.name,
-            registration.instance_id,
-            status.value,
-            registration.address,
-            registration.version,
-            registration.description,
-            [dataclasses.asdict(api) for api in apis],
-            [dataclasses.asdict(broker) for broker in registration.brokers],
-            registration.metadata,
-            check_to_json(registration.check),
-            token_hash,
-            list(registration.follows),
-            events_queue,
-        )
-        assert stored is not None, "put_instance returns a row or raises"
-        return stored
-
-    try:
-        row = await db.transaction(put)
-    except asyncpg.UniqueViolationError:
-        # Only a writer that skipped the address lock gets here.
-        raise AlreadyExists(
-            f"a port of this registration on {registration.address} was taken "
-            "at the same moment by another registration; register again"
-        ) from None
-    return instance_from_row(row)
+        ):
+            previous[row["api"]] = row["port"]
+        else:
+            held[row["port"]] = Holder(row["name"], row["instance_id"], row["api"])
+    return held, previous
 
 
 async def credentials(

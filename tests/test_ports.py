@@ -220,6 +220,21 @@ def test_assign_in_remote_mode_refuses_a_kind_without_a_fixed_port() -> None:
     assert "known: grpc=8090, http=8080" in str(refused.value)
 
 
+def test_assign_in_remote_mode_refuses_a_fixed_port_another_api_names() -> None:
+    with pytest.raises(InvalidArgument) as refused:
+        assign(
+            apis(("grpc", 0), ("admin", 8090)),
+            REMOTE,
+            address="10.0.0.7",
+            held={},
+            previous={},
+        )
+    assert str(refused.value).startswith(
+        "apis[0].port: 0 asks for the fixed port of api 'grpc', 8090, which "
+        "apis[1] names too"
+    )
+
+
 def test_assign_in_remote_mode_refuses_a_fixed_port_another_instance_holds() -> None:
     with pytest.raises(AlreadyExists, match=r"port 8090 on 10\.0\.0\.7 is held by"):
         assign(
