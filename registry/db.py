@@ -1,12 +1,19 @@
 """Postgres access from Trio.
 
 asyncpg is an asyncio library; the registry runs it on the trio-asyncio loop
-that the supervisor opens at the root. Each database operation crosses from
-Trio to asyncio exactly once: the whole unit (acquire, queries, commit,
-release) runs as one asyncio coroutine. A Trio cancellation throws a single
-CancelledError into that coroutine, and the cleanup steps (rollback, release)
-run under asyncio.shield, so a cancelled call never leaks a connection or
-leaves one inside an aborted transaction.
+that the supervisor opens at the root. The pool is kept on the Trio side: a
+semaphore bounds the connections in use, idle ones wait in a list, and each
+database operation crosses from Trio to asyncio exactly once, to run the
+whole unit (its queries, and the commit or rollback) on one connection.
+asyncpg's own pool would cost two more crossings' worth of asyncio tasks and
+futures per operation (acquire, release), as much CPU as the query itself.
+
+A connection goes back to the idle list only after a unit that completed or
+failed with an error of Postgres' own (a constraint, say), which leaves it
+ready for the next. After a cancellation, or a lost connection, it is closed
+instead: whatever it was doing, the server rolls it back, and nothing half
+done reaches the next unit. Commit and rollback run to completion even if the
+unit is cancelled meanwhile.
 
 asyncpg's errors are mapped once, here: losing Postgres becomes Unavailable.
 """
@@ -85,22 +92,10 @@ async def _init_connection(conn: Connection) -> None:
     )
 
 
-async def _keep_session(conn: Connection) -> None:
-    """What a connection going back to the pool needs undone: nothing.
-
-    asyncpg's default reset sends one more query at every release (unlock
-    advisory locks, close cursors, UNLISTEN, RESET ALL), which doubles the
-    round trips of a one-query read. The registry leaves no session state on
-    pooled connections: its advisory locks are transaction-scoped, its
-    settings SET LOCAL, and LISTEN has a connection of its own. asyncpg still
-    rolls back a transaction left open before it calls this.
-    """
-
-
 async def _to_completion(step: Awaitable[object]) -> None:
     """Await `step` to its end even if cancelled meanwhile, then let the
-    cancellation through: a half-done commit, rollback or release would
-    leave the connection unusable."""
+    cancellation through: a half-done commit or rollback would leave the
+    connection unusable."""
     task = asyncio.ensure_future(step)
     try:
         await asyncio.shield(task)
@@ -109,22 +104,26 @@ async def _to_completion(step: Awaitable[object]) -> None:
         raise
 
 
-async def _release(pool: asyncpg.Pool, conn: Connection) -> None:
-    try:
-        await pool.release(conn)
-    except asyncpg.InternalClientError:
-        # The connection was lost between release() and its task running:
-        # asyncpg has already given it back to the pool, and says so this
-        # way. Raised on, it would end the replica over a lost connection.
-        log.debug("connection lost while being released")
-
-
 class Database:
     """A pool of Postgres connections, used from Trio."""
 
-    def __init__(self, pool: asyncpg.Pool, dsn: str) -> None:
-        self._pool = pool
+    def __init__(
+        self,
+        dsn: str,
+        first: Connection,
+        *,
+        max_size: int,
+        connect_timeout: float,
+        command_timeout: float,
+    ) -> None:
         self.dsn = dsn
+        self._connect_timeout = connect_timeout
+        self._command_timeout = command_timeout
+        # Connections not in use, the most recently used last.
+        self._idle: list[Connection] = [first]
+        # One token per connection in use or being opened.
+        self._slots = trio.Semaphore(max_size)
+        self._closed = False
 
     @classmethod
     @asynccontextmanager
@@ -141,16 +140,11 @@ class Database:
         with `retry`, keep trying (and logging) until it does."""
         while True:
             try:
-                with mapped_errors():
-                    pool = await trio_asyncio.aio_as_trio(asyncpg.create_pool)(
-                        dsn,
-                        min_size=min(2, max_size),
-                        max_size=max_size,
-                        timeout=connect_timeout,
-                        command_timeout=command_timeout,
-                        init=_init_connection,
-                        reset=_keep_session,
-                    )
+                first = await connect(
+                    dsn,
+                    connect_timeout=connect_timeout,
+                    command_timeout=command_timeout,
+                )
                 break
             except Unavailable as exc:
                 if retry is None:
@@ -163,28 +157,68 @@ class Database:
                     delay,
                 )
                 await trio.sleep(delay)
+        db = cls(
+            dsn,
+            first,
+            max_size=max_size,
+            connect_timeout=connect_timeout,
+            command_timeout=command_timeout,
+        )
         try:
-            yield cls(pool, dsn)
+            yield db
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(5):
-                await trio_asyncio.aio_as_trio(pool.close)()
+            db._close()
+
+    def _close(self) -> None:
+        # Units still running hold their own connections, and close them as
+        # they end (see _put_back).
+        self._closed = True
+        for conn in self._idle:
+            conn.terminate()
+        self._idle.clear()
+
+    async def _take(self) -> Connection:
+        """A connection for one unit; give it back with _put_back()."""
+        await self._slots.acquire()
+        try:
+            while self._idle:
+                conn = self._idle.pop()
+                if not conn.is_closed():
+                    return conn
+            return await connect(
+                self.dsn,
+                connect_timeout=self._connect_timeout,
+                command_timeout=self._command_timeout,
+            )
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def _put_back(self, conn: Connection, *, reusable: bool) -> None:
+        if reusable and not self._closed and not conn.is_closed():
+            self._idle.append(conn)
+        else:
+            conn.terminate()
+        self._slots.release()
 
     async def run(self, operation: Callable[[Connection], Awaitable[T]]) -> T:
         """Run `operation(connection)` on a pooled connection, outside a transaction.
 
         `operation` is asyncio code: it may only await asyncpg.
         """
-        pool = self._pool
-
-        async def unit() -> T:
-            conn = await pool.acquire()
-            try:
-                return await operation(conn)
-            finally:
-                await _to_completion(_release(pool, conn))
-
-        with mapped_errors():
-            return cast(T, await trio_asyncio.aio_as_trio(unit)())
+        conn = await self._take()
+        reusable = False
+        try:
+            with mapped_errors():
+                result = cast(T, await trio_asyncio.aio_as_trio(operation)(conn))
+            reusable = True
+            return result
+        except asyncpg.PostgresError:
+            # Postgres refused the statement; the connection is fine.
+            reusable = True
+            raise
+        finally:
+            self._put_back(conn, reusable=reusable)
 
     async def transaction(
         self,
@@ -194,25 +228,19 @@ class Database:
     ) -> T:
         """Run `operation(connection)` in one transaction: committed if it
         returns, rolled back if it raises or is cancelled."""
-        pool = self._pool
 
-        async def unit() -> T:
-            conn = await pool.acquire()
+        async def unit(conn: Connection) -> T:
+            tx = conn.transaction(isolation=isolation)
+            await tx.start()
             try:
-                tx = conn.transaction(isolation=isolation)
-                try:
-                    await _to_completion(tx.start())
-                    result = await operation(conn)
-                except BaseException:
-                    await _to_completion(tx.rollback())
-                    raise
-                await _to_completion(tx.commit())
-                return result
-            finally:
-                await _to_completion(_release(pool, conn))
+                result = await operation(conn)
+            except BaseException:
+                await _to_completion(tx.rollback())
+                raise
+            await _to_completion(tx.commit())
+            return result
 
-        with mapped_errors():
-            return cast(T, await trio_asyncio.aio_as_trio(unit)())
+        return await self.run(unit)
 
     async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
         return await self.run(lambda conn: conn.fetch(query, *args))
@@ -237,11 +265,17 @@ class Database:
         log.debug("schema applied")
 
 
-async def connect(dsn: str, *, connect_timeout: float = 10.0) -> Connection:
-    """One connection outside the pool (the notifier's LISTEN connection)."""
+async def connect(
+    dsn: str, *, connect_timeout: float = 10.0, command_timeout: float | None = None
+) -> Connection:
+    """One new connection (the pool's, or the notifier's LISTEN connection)."""
     with mapped_errors():
         conn: Connection = await trio_asyncio.aio_as_trio(asyncpg.connect)(
-            dsn, timeout=connect_timeout
+            dsn, timeout=connect_timeout, command_timeout=command_timeout
         )
-        await trio_asyncio.aio_as_trio(_init_connection)(conn)
+        try:
+            await trio_asyncio.aio_as_trio(_init_connection)(conn)
+        except BaseException:
+            conn.terminate()
+            raise
         return conn
