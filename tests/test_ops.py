@@ -1,7 +1,8 @@
 """The ops endpoint as Prometheus and Kubernetes use it: /metrics scraped
-with a real HTTP client and read with prometheus-client's own parser,
-/healthz and /readyz through a replica's start, a Postgres that goes away
-(cut by a TCP proxy the test controls) and comes back."""
+with a real HTTP client and read with prometheus-client's own parser, after
+API calls and after health probes of servers the test runs; /healthz and
+/readyz through a replica's start, a Postgres that goes away (cut by a TCP
+proxy the test controls) and comes back."""
 
 from __future__ import annotations
 
@@ -11,24 +12,30 @@ import urllib.parse
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from typing import Any
 
 import grpc
 import httpx
 import pytest
 import trio
 import trio.testing
+from google.protobuf.duration_pb2 import Duration
 from prometheus_client.parser import text_string_to_metric_families
 
+from brokers import logged
 from harness import (
     TEST_CONFIG,
     WAIT,
+    WatchStream,
     grpc_client,
     registration,
     start_replica,
     watch_stream,
 )
+from probe_targets import HttpTarget, Mode, TcpTarget
 from registry._grpc import ServeError
 from registry.app import Replica
+from registry.model import CheckKind
 from registry.ops import OpsServer
 from registry.v1 import registry_pb2 as pb
 
@@ -48,6 +55,9 @@ class Scrape:
 
     def __call__(self, name: str, **labels: str) -> float:
         return self.samples[name, frozenset(labels.items())]
+
+    def get(self, name: str, **labels: str) -> float | None:
+        return self.samples.get((name, frozenset(labels.items())))
 
     def has(self, name: str) -> bool:
         return any(sample_name == name for sample_name, _ in self.samples)
@@ -106,12 +116,19 @@ async def test_metrics_count_rpcs_events_instances_and_watchers_after_a_run(
             await client.call("Resolve", pb.ResolveRequest(name="payments"))
         assert missing.value.code() is grpc.StatusCode.NOT_FOUND
 
-        async with watch_stream(client.stub, pb.WatchRequest(snapshot=True)) as watch:
-            await watch.snapshot()
-            # The notifier has fanned out every event of the run.
+        with logged("registry.grpc", f"/{REGISTRY}/Watch from ") as watch_ended:
+            async with watch_stream(
+                client.stub, pb.WatchRequest(snapshot=True)
+            ) as watch:
+                await watch.snapshot()
+                # The notifier has fanned out every event of the run.
+                with trio.fail_after(WAIT):
+                    await replica.hub.wait_for(gone.revision)
+                metrics = await scrape(replica)
+            # The server logs the end of the call once its handler has
+            # detached the stream from the hub.
             with trio.fail_after(WAIT):
-                await replica.hub.wait_for(gone.revision)
-            metrics = await scrape(replica)
+                await watch_ended.wait()
 
     # Every call, by method and status code, with its latency.
     assert metrics("grpc_server_handled_total", **rpc("Register")) == 3
@@ -154,8 +171,137 @@ async def test_metrics_count_rpcs_events_instances_and_watchers_after_a_run(
         assert metrics.has(name), name
     assert metrics.has("process_resident_memory_bytes")
 
-    # The stream has ended: the gauge follows.
-    assert (await scrape(replica))("registry_watch_streams") == 0
+    # The client cancelled the stream: the gauge follows.
+    ended = await scrape(replica)
+    assert ended("registry_watch_streams") == 0
+    assert ended("grpc_server_handled_total", **rpc("Watch", "CANCELLED")) == 1
+    replica.stop()
+
+
+def seconds(value: float) -> Duration:
+    duration = Duration()
+    duration.FromNanoseconds(round(value * 1e9))
+    return duration
+
+
+def probed(
+    instance_id: str, api: str, port: int, check: pb.HealthCheck
+) -> pb.RegisterRequest:
+    request: pb.RegisterRequest = registration("billing", instance_id)
+    del request.apis[:]
+    request.apis.append(pb.Api(name=api, port=port))
+    request.check.CopyFrom(check)
+    return request
+
+
+async def statuses(
+    stream: WatchStream, wanted: Mapping[str, int]
+) -> dict[str, pb.Event]:
+    """Events until each instance of `wanted` has reached its status there;
+    the event that put it there, by instance."""
+    found: dict[str, pb.Event] = {}
+    with trio.fail_after(WAIT):
+        while len(found) < len(wanted):
+            response = await stream.receive()
+            if response.WhichOneof("kind") != "event":
+                continue
+            instance = response.event.instance
+            if instance.status == wanted.get(instance.instance_id):
+                found.setdefault(instance.instance_id, response.event)
+    return found
+
+
+def probe_figures(metrics: Scrape, kind: CheckKind) -> tuple[float, float, float]:
+    """Probes run, probes failed, probe durations observed, of one kind."""
+    return (
+        metrics("registry_probes_total", kind=kind.value),
+        metrics("registry_probe_failures_total", kind=kind.value),
+        # A kind's histogram shows from its first probe on.
+        metrics.get("registry_probe_duration_seconds_count", kind=kind.value) or 0.0,
+    )
+
+
+async def test_metrics_count_probes_by_kind_and_show_the_startup_hold(
+    nursery: trio.Nursery, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="registry.probes")
+    http = HttpTarget()
+    [http_port] = await http.serve(nursery)
+    tcp = TcpTarget()
+    tcp_port = await tcp.serve(nursery)
+    fast: dict[str, Any] = {
+        "interval": seconds(1),
+        "failure_threshold": 1,
+        "success_threshold": 1,
+    }
+
+    with logged("registry.probes", "deregistration guard off") as hold_ended:
+        replica = await start_replica(
+            nursery,
+            database_url,
+            max_probes=100,
+            # Deregistrations wait for the first 3 s; no failure rate ever
+            # turns the guard on.
+            guard_startup=3.0,
+            guard_min_probes=1_000_000,
+            probe_poll_interval=0.5,
+        )
+        assert replica.port is not None
+        started = await scrape(replica)
+        assert started("registry_mass_failure_guard_active") == 1
+        for kind in CheckKind:
+            assert probe_figures(started, kind) == (0, 0, 0), kind
+
+        async with (
+            grpc_client(replica.port) as client,
+            watch_stream(client.stub, pb.WatchRequest(names=["billing"])) as stream,
+        ):
+            http_check = pb.HealthCheck(http=pb.HttpCheck(path="/healthz"), **fast)
+            tcp_check = pb.HealthCheck(tcp=pb.TcpCheck(), **fast)
+            await client.call(
+                "Register", probed("by-http", "http", http_port, http_check)
+            )
+            await client.call("Register", probed("by-tcp", "db", tcp_port, tcp_check))
+            await statuses(
+                stream, {"by-http": pb.STATUS_ACTIVE, "by-tcp": pb.STATUS_ACTIVE}
+            )
+            healthy = await scrape(replica)
+
+            http.mode = Mode.SILENT
+            down = await statuses(stream, {"by-http": pb.STATUS_INACTIVE})
+            failing = await scrape(replica)
+
+        with trio.fail_after(WAIT):
+            await hold_ended.wait()
+        held_no_more = await scrape(replica)
+
+    # Each probe is counted by its kind, with its duration; none failed yet.
+    http_run, http_failed, http_timed = probe_figures(healthy, CheckKind.HTTP)
+    assert http_run >= 1 and http_failed == 0 and http_timed == http_run
+    tcp_run, tcp_failed, tcp_timed = probe_figures(healthy, CheckKind.TCP)
+    assert tcp_run >= 1 and tcp_failed == 0 and tcp_timed == tcp_run
+    assert healthy("registry_probe_duration_seconds_sum", kind="http") > 0
+
+    # The silent server's probes failed; the TCP ones went on succeeding.
+    http_later, http_failed, http_timed = probe_figures(failing, CheckKind.HTTP)
+    assert http_later > http_run and http_failed >= 1 and http_timed == http_later
+    tcp_later, tcp_failed, tcp_timed = probe_figures(failing, CheckKind.TCP)
+    assert tcp_later >= tcp_run and tcp_failed == 0 and tcp_timed == tcp_later
+    for kind in (CheckKind.GRPC, CheckKind.TTL, CheckKind.KUBERNETES):
+        assert probe_figures(failing, kind) == (0, 0, 0), kind
+    assert failing("registry_instances", status="inactive") == 1
+
+    # The startup hold is over: the gauge says so.
+    assert held_no_more("registry_mass_failure_guard_active") == 0
+
+    # The probe's status change is logged with its instance and revision.
+    [line] = [
+        r
+        for r in caplog.records
+        if r.getMessage().startswith("billing/by-http is inactive")
+    ]
+    assert vars(line)["instance"] == "billing/by-http"
+    assert vars(line)["revision"] == down["by-http"].revision
     replica.stop()
 
 
