@@ -12,10 +12,12 @@ Thin Trio shells, one per kind:
 - TCP: a connection is accepted.
 - Kubernetes: the pod's Ready condition, read from the Kubernetes API with
   lightkube (built on httpx2, and so usable from Trio through anyio), with
-  the in-cluster service account or a kubeconfig.
+  the in-cluster service account or a kubeconfig. The credentials are read
+  once, when the Checker opens; what is wrong with them is the error of
+  every Kubernetes probe.
 
 TTL checks are not probed: the service heartbeats, and the prober counts a
-passed deadline as a failure (see registry.prober).
+passed deadline as a failure (see registry.probes).
 
 Every probe runs under its timeout, and no failure of the target escapes as
 an exception: it is a ProbeResult with healthy=False and the reason.
@@ -36,7 +38,9 @@ import h2.exceptions
 import httpx2
 import lightkube
 import trio
+import yaml
 from grpc_health.v1 import health_pb2
+from lightkube.config.kubeconfig import SERVICE_ACCOUNT, SingleConfig
 from lightkube.resources.core_v1 import Pod
 from purerpc.grpclib.config import GRPCConfiguration
 from purerpc.grpclib.connection import GRPCConnection
@@ -94,21 +98,26 @@ class Checker:
     """Runs probes; holds the clients they share. Open with Checker.open()."""
 
     def __init__(
-        self, http: httpx2.AsyncClient, *, user_agent: str, kubeconfig: str
+        self, http: httpx2.AsyncClient, kube: _KubeClient | str, *, user_agent: str
     ) -> None:
         self._http = http
         self._user_agent = user_agent
-        self._kubeconfig = kubeconfig
-        self._kube: lightkube.AsyncClient | None = None
-        self._kube_lock = trio.Lock()
+        # The Kubernetes client, or why there is none.
+        self._kube = kube
 
     @classmethod
     @asynccontextmanager
     async def open(
-        cls, *, user_agent: str = "registry-probe", kubeconfig: str = ""
+        cls,
+        *,
+        user_agent: str = "registry-probe",
+        kubeconfig: str = "",
+        service_account: str = SERVICE_ACCOUNT,
     ) -> AsyncIterator[Checker]:
         """`kubeconfig`: a kubeconfig file for Kubernetes checks; empty uses
-        the in-cluster service account, else $KUBECONFIG or ~/.kube/config."""
+        the service account in the `service_account` directory (with
+        KUBERNETES_SERVICE_HOST and _PORT), else $KUBECONFIG or
+        ~/.kube/config."""
         http = httpx2.AsyncClient(
             verify=False,
             trust_env=False,
@@ -117,14 +126,17 @@ class Checker:
             limits=httpx2.Limits(max_keepalive_connections=0),
             headers={"User-Agent": user_agent},
         )
-        checker = cls(http, user_agent=user_agent, kubeconfig=kubeconfig)
+        # A few small files, read once and synchronously: no probe waits on
+        # them, and the replica uses no threads.
+        kube = _kube_client(kubeconfig, service_account)
+        checker = cls(http, kube, user_agent=user_agent)
         try:
             yield checker
         finally:
             with trio.CancelScope(shield=True):
                 await http.aclose()
-                if checker._kube is not None:
-                    await checker._kube.close()
+                if isinstance(kube, _KubeClient):
+                    await kube.client.close()
 
     async def probe(
         self, check: HealthCheck, target: Target, time_limit: float
@@ -198,13 +210,20 @@ class Checker:
             raise _Failed(f"GET {url}: {_describe(exc)}") from None
 
     async def _kubernetes(self, namespace: str, pod_name: str) -> int:
-        client = await self._kube_client()
+        kube = self._kube
+        if not isinstance(kube, _KubeClient):
+            raise _Failed(kube)
         try:
-            pod = await client.get(Pod, pod_name, namespace=namespace)
+            pod = await kube.client.get(Pod, pod_name, namespace=namespace)
         except lightkube.ApiError as exc:
             raise _Failed(
                 f"pod {namespace}/{pod_name}: {exc.status.message or exc}",
                 exc.status.code or 0,
+            ) from None
+        except lightkube.ConfigError as exc:
+            # A token file gone.
+            raise _Failed(
+                f"Kubernetes credentials of user {kube.user!r}: {_describe(exc)}"
             ) from None
         except httpx2.HTTPError as exc:
             raise _Failed(f"the Kubernetes API: {_describe(exc)}") from None
@@ -224,28 +243,69 @@ class Checker:
             200,
         )
 
-    async def _kube_client(self) -> lightkube.AsyncClient:
-        async with self._kube_lock:
-            if self._kube is None:
-                try:
-                    # Reads the kubeconfig or service account files.
-                    self._kube = await trio.to_thread.run_sync(
-                        _kube_client, self._kubeconfig
-                    )
-                except (lightkube.ConfigError, OSError, KeyError) as exc:
-                    raise _Failed(
-                        f"no Kubernetes credentials: {_describe(exc)}; run in a pod "
-                        "with a service account, or set REGISTRY_KUBECONFIG"
-                    ) from None
-            return self._kube
+
+@dataclass(frozen=True, slots=True)
+class _KubeClient:
+    client: lightkube.AsyncClient
+    # The kubeconfig user it acts as, for error messages.
+    user: str
 
 
-def _kube_client(kubeconfig: str) -> lightkube.AsyncClient:
-    if kubeconfig:
-        config = lightkube.KubeConfig.from_file(kubeconfig)
-    else:
-        config = lightkube.KubeConfig.from_env()
-    return lightkube.AsyncClient(config, trust_env=False)
+# What reading a kubeconfig or a service account can raise: a file missing
+# or unreadable, YAML that is not a kubeconfig, a service account without
+# KUBERNETES_SERVICE_HOST.
+_CONFIG_ERRORS = (lightkube.ConfigError, OSError, KeyError, ValueError, yaml.YAMLError)
+
+
+def _kube_client(kubeconfig: str, service_account: str) -> _KubeClient | str:
+    """The Kubernetes client, or the error every Kubernetes probe reports."""
+    try:
+        if kubeconfig:
+            found = lightkube.KubeConfig.from_file(kubeconfig)
+        else:
+            found = lightkube.KubeConfig.from_env(service_account=service_account)
+        # Raises rather than return None: no default is given.
+        config = found.get()
+        assert config is not None
+    except _CONFIG_ERRORS as exc:
+        error = (
+            f"no Kubernetes credentials: {_describe(exc)}; run in a pod with a "
+            "service account, or set REGISTRY_KUBECONFIG"
+        )
+        if kubeconfig:
+            log.warning("Kubernetes checks will fail: %s", error)
+        return error
+
+    user = config.context.user or ""
+    try:
+        _check_exec(config)
+        client = lightkube.AsyncClient(config, trust_env=False)
+    except (lightkube.ConfigError, OSError, ValueError) as exc:
+        # An exec plugin this client cannot run, an auth-provider, a CA file
+        # that does not load.
+        error = f"unusable Kubernetes credentials of user {user!r}: {_describe(exc)}"
+        log.warning("Kubernetes checks will fail: %s", error)
+        return error
+    return _KubeClient(client, user)
+
+
+def _check_exec(config: SingleConfig) -> None:
+    """Refuse a user whose token comes from an exec plugin.
+
+    TODO: exec plugins (the token commands of EKS, GKE and OIDC logins) are
+    refused: lightkube runs them with asyncio's subprocess API, which fails
+    in a Trio task, and its calls cannot move to the trio-asyncio loop since
+    httpx2's anyio backend finds no running asyncio loop there. Supporting
+    them means an httpx2 auth flow of our own that runs the command with
+    trio.run_process.
+    """
+    plugin = config.user.exec if config.user else None
+    if plugin is not None:
+        raise lightkube.ConfigError(
+            f"its token comes from the exec plugin {plugin.command!r}, which the "
+            "registry cannot run; give it a service account, or a kubeconfig user "
+            "with a token or a client certificate"
+        )
 
 
 def _port(check: HealthCheck, apis: tuple[Api, ...]) -> int:
@@ -282,9 +342,13 @@ def _printable(text: str) -> str:
 
 def _describe(exc: BaseException) -> str:
     text = str(exc)
-    # trio and httpx name the reason in the cause: "[Errno 111] Connection refused".
-    cause = exc.__cause__
-    if cause is not None and str(cause) and str(cause) not in text:
+    # trio and httpx name the reason in a cause, sometimes under layers that
+    # say nothing (a TLS failure: ConnectError, ConnectError,
+    # BrokenResourceError, then SSLCertVerificationError).
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None and not str(cause):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None and str(cause) not in text:
         text = f"{text} ({cause})" if text else str(cause)
     return text or type(exc).__name__
 

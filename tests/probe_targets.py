@@ -1,14 +1,16 @@
 """Services for the registry to probe, started by the tests on loopback.
 
 - HttpTarget: an HTTP/1.1 server on Trio, written by hand, on one port or
-  many; it records every request (its port, path and User-Agent) and answers
-  as the test says: a status, a redirect, no answer at all, or a hang.
+  many, plain or over TLS; it records every request (its port, path and
+  User-Agent) and answers as the test says: a status, a redirect, no answer
+  at all, or a hang.
 - TcpTarget: a listener that accepts connections and closes them, until
   the test closes it.
 - grpc_health_server: grpcio's own server in its threads, running the
   official grpcio-health-checking servicer.
-- KubernetesApi: an HTTP server answering the Kubernetes API's pod path,
+- KubernetesApi: an HTTP(S) server answering the Kubernetes API's pod path,
   /api/v1/namespaces/{ns}/pods/{name}, with the JSON the API server sends.
+- tls_server: a server-side TLS context with a certificate from a test CA.
 
 Each server reports its ports once it listens, and each test waits on the
 hits it expects through `wait_for_hits`, never on a sleep.
@@ -16,8 +18,10 @@ hits it expects through `wait_for_hits`, never on a sleep.
 
 from __future__ import annotations
 
+import base64
 import enum
 import json
+import ssl
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -26,6 +30,7 @@ from typing import Any
 
 import grpc
 import trio
+import trustme
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from harness import WAIT
@@ -65,10 +70,20 @@ class HttpResponse:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-class HttpTarget:
-    """An HTTP server on loopback; `respond` decides each answer."""
+def tls_server(ca: trustme.CA, *identities: str, **cert: Any) -> ssl.SSLContext:
+    """A server's TLS context, its certificate issued by `ca` for
+    `identities` (127.0.0.1 unless given); `cert` goes to issue_cert."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(*(identities or ("127.0.0.1",)), **cert).configure_cert(context)
+    return context
 
-    def __init__(self) -> None:
+
+class HttpTarget:
+    """An HTTP server on loopback, over TLS with `tls`; `respond` decides each
+    answer."""
+
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        self.tls = tls
         self.mode = Mode.ANSWER
         # (port, path) -> the answer; the default answers 200 "ok".
         self.respond: Callable[[int, str], HttpResponse] = lambda port, path: (
@@ -99,8 +114,13 @@ class HttpTarget:
                     return hits
                 await self._hit.wait()
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
-        port = stream.socket.getsockname()[1]
+    async def _handle(self, connection: trio.SocketStream) -> None:
+        port = connection.socket.getsockname()[1]
+        stream: trio.abc.Stream = connection
+        if self.tls is not None:
+            # The handshake happens on the first receive: a client that
+            # refuses the certificate breaks the stream there.
+            stream = trio.SSLStream(connection, self.tls, server_side=True)
         try:
             head = await _read_head(stream)
             if head is None:
@@ -123,7 +143,7 @@ class HttpTarget:
             await stream.aclose()
 
 
-async def _read_head(stream: trio.SocketStream) -> tuple[str, dict[str, str]] | None:
+async def _read_head(stream: trio.abc.Stream) -> tuple[str, dict[str, str]] | None:
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = await stream.receive_some(4096)
@@ -310,9 +330,9 @@ class KubernetesApi:
 
     TOKEN = "test-service-account-token"
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.pods: dict[tuple[str, str], bool] = {}
-        self.http = HttpTarget()
+        self.http = HttpTarget(tls)
         self.http.respond = self._respond
         self.port = 0
 
@@ -320,9 +340,21 @@ class KubernetesApi:
         [self.port] = await self.http.serve(nursery)
         return self.port
 
-    def kubeconfig(self) -> str:
+    def kubeconfig(
+        self, user: dict[str, Any] | None = None, ca: trustme.CA | None = None
+    ) -> str:
         """A kubeconfig for this server, as kubectl writes it (YAML is a
-        superset of JSON)."""
+        superset of JSON), for the user `registry`: a static token unless
+        `user` says otherwise. With `ca`, the server is HTTPS and trusted
+        through that CA's certificate, as a service account's ca.crt is."""
+        cluster: dict[str, Any] = {"server": f"http://127.0.0.1:{self.port}"}
+        if ca is not None:
+            cluster = {
+                "server": f"https://127.0.0.1:{self.port}",
+                "certificate-authority-data": base64.b64encode(
+                    ca.cert_pem.bytes()
+                ).decode(),
+            }
         return json.dumps(
             {
                 "apiVersion": "v1",
@@ -330,10 +362,10 @@ class KubernetesApi:
                 "clusters": [
                     {
                         "name": "test",
-                        "cluster": {"server": f"http://127.0.0.1:{self.port}"},
+                        "cluster": cluster,
                     }
                 ],
-                "users": [{"name": "registry", "user": {"token": self.TOKEN}}],
+                "users": [{"name": "registry", "user": user or {"token": self.TOKEN}}],
                 "contexts": [
                     {
                         "name": "test",

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trustme
 
 from probe_targets import (
     NOT_SERVING,
@@ -20,6 +21,7 @@ from probe_targets import (
     Mode,
     TcpTarget,
     grpc_health_server,
+    tls_server,
 )
 from registry.checks import Checker, ProbeResult, Target
 from registry.model import Api, CheckKind, HealthCheck
@@ -200,6 +202,24 @@ async def test_grpc_check_fails_against_a_server_without_grpc(
     assert result.error
 
 
+async def test_https_check_answers_without_verifying_the_certificate(
+    checker: Checker, nursery: trio.Nursery
+) -> None:
+    # A certificate no one trusts, as a service's self-signed one is.
+    target = HttpTarget(tls_server(trustme.CA()))
+    [port] = await target.serve(nursery)
+    target.respond = lambda port, path: HttpResponse(503, b"warming up")
+
+    result = await checker.probe(http_check(https=True), at(port), TIME_LIMIT)
+    plain = await checker.probe(http_check(), at(port), TIME_LIMIT)
+
+    assert (result.healthy, result.code) == (False, 503)
+    assert result.error == "HTTP 503: warming up"
+    # The TLS port does not answer plain HTTP.
+    assert (plain.healthy, plain.code) == (False, 0)
+    assert [hit.path for hit in target.hits] == ["/healthz"]
+
+
 async def test_tcp_check_is_healthy_while_the_port_accepts(
     checker: Checker, nursery: trio.Nursery
 ) -> None:
@@ -251,6 +271,53 @@ async def test_kubernetes_check_reads_the_pods_ready_condition(
     assert {hit.headers["authorization"] for hit in api.http.hits} == {
         f"Bearer {KubernetesApi.TOKEN}"
     }
+
+
+async def test_kubernetes_check_over_https_trusts_the_clusters_ca_only(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    cluster_ca, other_ca = trustme.CA(), trustme.CA()
+    api = KubernetesApi(tls_server(cluster_ca))
+    await api.serve(nursery)
+    api.pods[("shop", "web-0")] = True
+    check = HealthCheck(kind=CheckKind.KUBERNETES, namespace="shop", pod="web-0")
+    trusted, untrusted = tmp_path / "trusted", tmp_path / "untrusted"
+    trusted.write_text(api.kubeconfig(ca=cluster_ca))
+    untrusted.write_text(api.kubeconfig(ca=other_ca))
+
+    async with Checker.open(kubeconfig=str(trusted)) as checker:
+        ready = await checker.probe(check, Target("10.1.2.3", ()), TIME_LIMIT)
+    async with Checker.open(kubeconfig=str(untrusted)) as checker:
+        refused = await checker.probe(check, Target("10.1.2.3", ()), TIME_LIMIT)
+
+    assert (ready.healthy, ready.code, ready.error) == (True, 200, "")
+    assert not refused.healthy
+    assert refused.error.startswith("the Kubernetes API: ")
+    assert "CERTIFICATE_VERIFY_FAILED" in refused.error
+    # The refused client never got as far as asking for the pod.
+    assert [hit.path for hit in api.http.hits] == ["/api/v1/namespaces/shop/pods/web-0"]
+
+
+async def test_kubernetes_check_refuses_a_user_whose_token_comes_from_exec(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    api = KubernetesApi()
+    await api.serve(nursery)
+    api.pods[("shop", "web-0")] = True
+    plugin = {"apiVersion": "client.authentication.k8s.io/v1beta1", "command": "true"}
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(api.kubeconfig(user={"exec": plugin}))
+    check = HealthCheck(kind=CheckKind.KUBERNETES, namespace="shop", pod="web-0")
+
+    async with Checker.open(kubeconfig=str(kubeconfig)) as checker:
+        result = await checker.probe(check, Target("10.1.2.3", ()), TIME_LIMIT)
+
+    assert not result.healthy
+    assert result.error.startswith(
+        "unusable Kubernetes credentials of user 'registry': its token comes "
+        "from the exec plugin 'true'"
+    )
+    assert api.http.hits == []
 
 
 async def test_kubernetes_check_without_credentials_says_how_to_give_them(
