@@ -21,10 +21,12 @@ to the client); this module is the Trio shell that does it:
 
 Handlers receive the decoded request and a Call. Unary handlers return the
 response; streaming handlers send responses with `await call.send(...)` and
-return when the stream is complete. A method with a request stream (server
-reflection's) gets an async iterator of decoded requests instead of one
-request; the messages the handler has not taken yet are bounded by the
-message size limit, and a client that sends past it gets RESOURCE_EXHAUSTED.
+return when the stream is complete. A response may also be given already
+serialized, as bytes, so that one sent often is encoded once. A method with
+a request stream (server reflection's) gets an async iterator of decoded
+requests instead of one request; the messages the handler has not taken yet
+are bounded by the message size limit, and a client that sends past it gets
+RESOURCE_EXHAUSTED.
 RegistryError subclasses raised by a handler become their status code through
 STATUS_CODES, the one place where the registry chooses gRPC status codes.
 Each call to a known method is counted, by status code, in the server's
@@ -213,7 +215,8 @@ class Call:
         self.peer = peer
         self.messages_sent = 0
 
-    async def send(self, message: Message) -> None:
+    async def send(self, message: Message | bytes) -> None:
+        """Send one response: a message, or one already serialized."""
         await self._connection.send_message(self._stream, message)
         self.messages_sent += 1
 
@@ -463,8 +466,8 @@ class _Connection:
             raise errors.InvalidArgument("the request carries no message")
         return _decode(method.request_type, stream.request)
 
-    async def send_message(self, stream: _Stream, message: Message) -> None:
-        data = message.SerializeToString()
+    async def send_message(self, stream: _Stream, message: Message | bytes) -> None:
+        data = message if isinstance(message, bytes) else message.SerializeToString()
         if len(data) > self._server.max_message_bytes:
             raise errors.ResourceExhausted(
                 f"response of {len(data)} bytes exceeds the limit of "

@@ -33,6 +33,7 @@ import trio_asyncio
 from ._grpc import GrpcServer
 from .backoff import Backoff
 from .broker import Broker
+from .cache import ResolveCache
 from .config import Config
 from .db import Database, redact
 from .errors import InvalidArgument, Unavailable
@@ -83,7 +84,7 @@ class Replica:
         self.config = config
         self.database_url = database_url
         self.state = State.NEW
-        self.hub = Hub()
+        self.hub = Hub(cache=ResolveCache(config.resolve_cache))
         self.health = Health([SERVICE_NAME])
         self.port: int | None = None
         # The gRPC server, once run() has made it.

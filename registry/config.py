@@ -21,6 +21,7 @@ class Config:
     max_message_bytes: int = 4 * 1024 * 1024
     pool_size: int = 10
     watch_buffer: int = 1024
+    resolve_cache: int = 10_000
     progress_interval: float = 5.0
     poll_interval: float = 1.0
     event_retention: float = 24 * 3600.0
@@ -62,6 +63,8 @@ _HELP = {
     "host": "address the gRPC server listens on",
     "port": "gRPC port (0 picks a free one)",
     "max_message_bytes": "largest request accepted, in bytes",
+    "resolve_cache": "names whose Resolve answers a replica keeps between their "
+    "events (0 turns the cache off)",
     "pool_size": "Postgres connections per replica",
     "watch_buffer": "events a watch stream may hold unsent before it is ended",
     "progress_interval": "seconds between progress events on an idle watch stream",

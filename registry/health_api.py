@@ -10,6 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from . import probe_store, tokens
 from ._convert import STATUS_TO_PB
 from ._grpc import Call, Method
+from .cache import ResolveCache
 from .db import Database
 from .errors import InvalidArgument
 from .health_machine import Policy, ProbeDefaults, policy_for
@@ -26,9 +27,13 @@ MAX_HISTORY = 1000
 
 
 class HealthApi:
-    def __init__(self, db: Database, defaults: ProbeDefaults) -> None:
+    def __init__(
+        self, db: Database, defaults: ProbeDefaults, cache: ResolveCache
+    ) -> None:
         self._db = db
         self._defaults = defaults
+        # Each status change made here drops its name's Resolve answer.
+        self._cache = cache
 
     def methods(self) -> dict[str, Method]:
         return {
@@ -47,6 +52,7 @@ class HealthApi:
             self._db, name, instance_id, token, self._policy
         )
         if beat.revision is not None:
+            self._cache.forget(name)
             log.info(
                 "%s/%s is %s after a heartbeat, at revision %d",
                 name,
@@ -64,6 +70,7 @@ class HealthApi:
         instance_id = validate_instance_id("instance_id", request.instance_id)
         token = tokens.parse_token(request.token)
         revision, before = await probe_store.drain(self._db, name, instance_id, token)
+        self._cache.forget(name)
         log.info(
             "%s/%s is draining (was %s) at revision %d",
             name,

@@ -75,6 +75,7 @@ class Notifier:
                 else:
                     log.warning("cannot listen for events (%s); retrying", exc)
                 self.connected = False
+            self._hub.set_live(False)
             await trio.sleep(backoff.next())
 
     async def _listen_and_publish(
@@ -127,6 +128,7 @@ class Notifier:
                     await self._ping(conn)
                 await self._catch_up()
         finally:
+            self._hub.set_live(False)
             conn.terminate()
 
     async def _ping(self, conn: dbmod.Connection) -> None:
@@ -151,6 +153,7 @@ class Notifier:
                     self._hub.revision + 1,
                     page.compacted,
                 )
+                self._hub.set_live(False)
                 self._hub.end_all(Ended.COMPACTED)
                 self._hub.advance(page.compacted)
                 continue
@@ -159,4 +162,5 @@ class Notifier:
                 self._metrics.count_events(page.events)
             if len(page.events) < self._page_size:
                 self._hub.advance(page.head)
+                self._hub.set_live(True)
                 return

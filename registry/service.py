@@ -15,6 +15,7 @@ from . import store, tokens
 from ._convert import STATUS_FROM_PB, event_to_pb, instance_to_pb
 from ._grpc import Call, Method, Service
 from .broker import Broker
+from .cache import Answer
 from .db import Database
 from .errors import (
     DeadlineExceeded,
@@ -58,19 +59,19 @@ class WatchSettings:
 
 
 class _EventResponses:
-    """Each event's WatchResponse, built once for all the streams it goes to:
-    built per stream, it cost a replica fanning out to 500 watchers about as
-    much CPU as sending them. Per replica, since a revision names one event
-    of one database."""
+    """Each event's WatchResponse, built and serialized once for all the
+    streams it goes to: done per stream, it cost a replica fanning out to 500
+    watchers about as much CPU as sending them. Per replica, since a revision
+    names one event of one database."""
 
     def __init__(self, size: int = 256) -> None:
         self._size = size
-        self._built: dict[int, pb.WatchResponse] = {}
+        self._built: dict[int, bytes] = {}
 
-    def of(self, event: Event) -> pb.WatchResponse:
+    def of(self, event: Event) -> bytes:
         response = self._built.get(event.revision)
         if response is None:
-            response = pb.WatchResponse(event=event_to_pb(event))
+            response = pb.WatchResponse(event=event_to_pb(event)).SerializeToString()
             if len(self._built) >= self._size:
                 # The oldest first: dicts keep their insertion order.
                 del self._built[next(iter(self._built))]
@@ -98,7 +99,7 @@ class RegistryService:
         self._broker = broker
         self._events_exchange = events_exchange
         # Heartbeat, Drain and History.
-        self._health = HealthApi(db, probe_defaults or ProbeDefaults())
+        self._health = HealthApi(db, probe_defaults or ProbeDefaults(), hub.cache)
         self._event_responses = _EventResponses()
 
     def service(self) -> Service:
@@ -138,6 +139,7 @@ class RegistryService:
             ports=self._ports,
             events_queue=topology.events_queue,
         )
+        self._hub.cache.forget(instance.name)
         log.info(
             "registered %s/%s generation %d (%s) at revision %d",
             instance.name,
@@ -185,6 +187,7 @@ class RegistryService:
             revision = await store.delete_instance(
                 self._db, name, instance_id, token.generation, token.secret_hash
             )
+        self._hub.cache.forget(name)
         log.info(
             "deregistered %s/%s generation %d at revision %d",
             name,
@@ -195,21 +198,25 @@ class RegistryService:
         )
         return pb.DeregisterResponse(revision=revision)
 
-    async def resolve(
-        self, request: pb.ResolveRequest, call: Call
-    ) -> pb.ResolveResponse:
+    async def resolve(self, request: pb.ResolveRequest, call: Call) -> bytes:
+        """The ResolveResponse, serialized: from the cache when the hub has
+        reached min_revision, else read (and cached) at min_revision or later."""
         name = validate_name("name", request.name)
-        revision, instances = await self._select(request.min_revision, names=[name])
-        if not instances:
-            raise NotFound(f"no instance of {name!r} is registered")
-        active = [i for i in instances if i.status is Status.ACTIVE]
-        if not active:
-            counts = Counter(i.status.value for i in instances)
-            summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
-            raise Unavailable(f"{name!r} has no active instance: {summary}")
-        return pb.ResolveResponse(
-            instances=[instance_to_pb(i) for i in active], revision=revision
-        )
+        min_revision = validate_min_revision("min_revision", request.min_revision)
+        cache = self._hub.cache
+        answer = cache.get(name) if min_revision <= self._hub.revision else None
+        if answer is None:
+            fill = cache.begin(name)
+            read_at, instances = await self._select(min_revision, names=[name])
+            answer = _resolve_answer(name, instances, read_at)
+            if fill is not None:
+                cache.put(fill, answer)
+        if answer.error is not None:
+            kind, message = answer.error
+            raise kind(message)
+        # An answer still cached is current at the hub's revision.
+        revision = max(answer.read_at, self._hub.revision)
+        return answer.body + pb.ResolveResponse(revision=revision).SerializeToString()
 
     async def list(self, request: pb.ListRequest, call: Call) -> pb.ListResponse:
         names = [validate_name("name", request.name)] if request.name else []
@@ -349,3 +356,20 @@ class RegistryService:
             f"this replica has not seen revision {min_revision} yet "
             f"(it is at {self._hub.revision}); retry, or ask another replica"
         )
+
+
+def _resolve_answer(name: str, instances: Sequence[Instance], read_at: int) -> Answer:
+    if not instances:
+        message = f"no instance of {name!r} is registered"
+        return Answer(read_at, error=(NotFound, message))
+    active = [i for i in instances if i.status is Status.ACTIVE]
+    if not active:
+        counts = Counter(i.status.value for i in instances)
+        summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+        return Answer(
+            read_at, error=(Unavailable, f"{name!r} has no active instance: {summary}")
+        )
+    # The instances alone: a serialized message followed by another is read
+    # as one with the fields of both, so the revision is appended per call.
+    body = pb.ResolveResponse(instances=[instance_to_pb(i) for i in active])
+    return Answer(read_at, body=body.SerializeToString())

@@ -8,6 +8,9 @@ between two awaits can never miss an event or see one twice.
 Each watcher has a bounded buffer. A watcher whose buffer is full when an
 event arrives is ended (Ended.BEHIND) instead of growing the replica's memory;
 its client resumes from the last revision it received.
+
+The hub also keeps the replica's Resolve cache current (registry.cache): each
+event it publishes drops its name's answer.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Callable, Iterable
 
 import trio
 
+from .cache import ResolveCache
 from .model import Event
 
 
@@ -68,9 +72,10 @@ class Watcher:
 
 
 class Hub:
-    def __init__(self, revision: int = 0) -> None:
+    def __init__(self, revision: int = 0, cache: ResolveCache | None = None) -> None:
         # Every event up to this revision has been offered to the watchers.
         self.revision = revision
+        self.cache = ResolveCache(0) if cache is None else cache
         self._attached: set[Watcher] = set()
         # Watchers without a names filter, and the others by name.
         self._everything: set[Watcher] = set()
@@ -113,6 +118,7 @@ class Hub:
         for event in events:
             if event.revision <= self.revision:
                 continue
+            self.cache.observe(event)
             for watcher in self._everything:
                 watcher.offer(event)
             for watcher in self._by_name.get(event.name, ()):
@@ -125,6 +131,11 @@ class Hub:
         if revision > self.revision:
             self.revision = revision
             self._wake()
+
+    def set_live(self, live: bool) -> None:
+        """Whether every event reaches the hub as it commits (the notifier
+        listens and has caught up); the cache is used only while it does."""
+        self.cache.set_live(live)
 
     def end_all(self, reason: Ended) -> None:
         for watcher in self._attached:
