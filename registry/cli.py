@@ -1,7 +1,9 @@
 """The `registry` command: run a replica, or ask one what is registered.
 
 Exit codes: 0 success; 1 the registry answered with an error or could not be
-reached (the reason is one line on stderr); 2 bad usage.
+reached; 2 bad usage (a malformed flag, a missing argument); 3 the registry
+answered that nothing matches (no such name or instance, or no active
+instance for resolve). Apart from 0, the reason is one line on stderr.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -41,8 +44,21 @@ EXAMPLES = {
 }
 
 
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NOTHING_MATCHES = 3
+
+
 class CommandError(Exception):
-    """A one-line reason to exit with status 1."""
+    """A one-line reason to exit with `status`."""
+
+    def __init__(self, reason: str, status: int = EXIT_FAILED) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+class UsageError(Exception):
+    """Bad usage that argparse cannot see by itself: exit 2, as it does."""
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -50,9 +66,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.run(args)
+    except UsageError as exc:
+        args.command_parser.error(str(exc))
     except CommandError as exc:
         print(f"registry {args.command}: {exc}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(exc.status)
     except KeyboardInterrupt:
         sys.exit(130)
 
@@ -76,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
             description=f"{summary} {details}".strip(),
             epilog=f"example: {EXAMPLES[name]}",
         )
-        sub.set_defaults(run=run)
+        sub.set_defaults(run=run, command_parser=sub)
         return sub
 
     serve = command(
@@ -90,13 +108,17 @@ def _parser() -> argparse.ArgumentParser:
     def client_options(sub: argparse.ArgumentParser) -> None:
         sub.add_argument(
             "--target",
+            type=_endpoints,
             default=os.environ.get("REGISTRY_TARGET", DEFAULT_TARGET),
             help="HOST:PORT of a replica, or several separated by commas, tried "
             f"in order (env REGISTRY_TARGET, default {DEFAULT_TARGET})",
         )
         sub.add_argument("--json", action="store_true", help="print JSON for scripts")
         sub.add_argument(
-            "--timeout", type=float, default=10.0, help="seconds to wait for an answer"
+            "--timeout",
+            type=_seconds,
+            default=10.0,
+            help="seconds to wait for an answer",
         )
 
     listing = command("list", "List registered instances, of any status.", _list)
@@ -155,17 +177,23 @@ def _parser() -> argparse.ArgumentParser:
     register.add_argument(
         "--api",
         action="append",
+        type=_api,
         metavar="NAME=PORT",
         help="an API and its port (0: the registry assigns one); repeatable",
     )
     register.add_argument(
         "--broker",
         action="append",
+        type=_broker,
         metavar="EXCHANGE:ROUTING_KEY[:queue|topic]",
         help="a broker binding (type queue by default); repeatable",
     )
     register.add_argument(
-        "--metadata", action="append", metavar="KEY=VALUE", help="repeatable"
+        "--metadata",
+        action="append",
+        type=_key_value,
+        metavar="KEY=VALUE",
+        help="repeatable",
     )
     register.add_argument(
         "--follow",
@@ -175,7 +203,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     register.add_argument(
         "--ttl",
-        type=float,
+        type=_seconds,
         metavar="SECONDS",
         help="a TTL health check of this many seconds, kept alive by heartbeats",
     )
@@ -210,6 +238,50 @@ def _parser() -> argparse.ArgumentParser:
     )
     client_options(history)
     return parser
+
+
+# Flag values: a malformed one is bad usage, reported by argparse (exit 2).
+
+
+def _endpoints(text: str) -> list[str]:
+    try:
+        return client.parse_endpoints(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return seconds
+
+
+def _api(text: str) -> tuple[str, int]:
+    name, sep, port = text.partition("=")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=PORT")
+    return name, int(port)
+
+
+def _broker(text: str) -> tuple[str, str, str]:
+    exchange, _, rest = text.partition(":")
+    routing_key, _, kind = rest.partition(":")
+    if kind not in ("", "queue", "topic"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the type is queue or topic, not {kind!r}"
+        )
+    return exchange, routing_key, f"BROKER_TYPE_{(kind or 'queue').upper()}"
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key, value
 
 
 # --- serve -------------------------------------------------------------------
@@ -272,17 +344,15 @@ def _run_client(
 ) -> T:
     """Run `work` with a client of --target; a failed call exits with its
     one-line reason."""
-    try:
-        endpoints = client.parse_endpoints(args.target)
-    except ValueError as exc:
-        raise CommandError(f"--target: {exc}") from None
 
     async def run() -> T:
-        async with client.connect(endpoints, timeout=args.timeout) as connected:
+        async with client.connect(args.target, timeout=args.timeout) as connected:
             return await work(connected)
 
     try:
         return trio.run(run)
+    except (client.NotFound, client.NoActiveInstance) as exc:
+        raise CommandError(str(exc), EXIT_NOTHING_MATCHES) from None
     except client.ClientError as exc:
         raise CommandError(str(exc)) from None
 
@@ -461,32 +531,15 @@ def _registration(args: argparse.Namespace) -> Any:
             setattr(request, field, value)
     if args.api:
         del request.apis[:]
-        for item in args.api:
-            name, sep, port = item.partition("=")
-            if not sep or not port.isdigit():
-                raise CommandError(f"--api {item!r} is not NAME=PORT")
-            request.apis.add(name=name, port=int(port))
+        for name, port in args.api:
+            request.apis.add(name=name, port=port)
     if args.broker:
         del request.brokers[:]
-        for item in args.broker:
-            exchange, _, rest = item.partition(":")
-            routing_key, _, kind = rest.partition(":")
-            if kind not in ("", "queue", "topic"):
-                raise CommandError(
-                    f"--broker {item!r}: the type is queue or topic, not {kind!r}"
-                )
-            request.brokers.add(
-                exchange=exchange,
-                routing_key=routing_key,
-                type=f"BROKER_TYPE_{(kind or 'queue').upper()}",
-            )
+        for exchange, routing_key, kind in args.broker:
+            request.brokers.add(exchange=exchange, routing_key=routing_key, type=kind)
     if args.metadata:
         request.metadata.clear()
-        for item in args.metadata:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise CommandError(f"--metadata {item!r} is not KEY=VALUE")
-            request.metadata[key] = value
+        request.metadata.update(dict(args.metadata))
     if args.follow:
         del request.follows[:]
         request.follows.extend(args.follow)
@@ -495,13 +548,13 @@ def _registration(args: argparse.Namespace) -> Any:
         check.ttl.ttl.FromNanoseconds(round(args.ttl * 1e9))
         request.check.CopyFrom(check)
     if not request.name:
-        raise CommandError("which service? give NAME, or a --file with a name")
+        raise UsageError("which service? give NAME, or a --file with a name")
     return request
 
 
 def _deregister(args: argparse.Namespace) -> None:
     if not args.token:
-        raise CommandError("the instance token is needed: --token or REGISTRY_TOKEN")
+        raise UsageError("the instance token is needed: --token or REGISTRY_TOKEN")
     revision = _run_client(
         args, lambda c: c.deregister(args.name, args.instance_id, args.token)
     )

@@ -84,11 +84,38 @@ async def test_cli_resolve_unknown_name_exits_non_zero_with_a_reason(
     replica: Replica,
 ) -> None:
     result = await registry_cli("resolve", "payments", target(replica))
-    assert result.returncode == 1
+    assert result.returncode == 3
     assert result.stdout == b""
     assert result.stderr.decode().splitlines() == [
         "registry resolve: NOT_FOUND: no instance of 'payments' is registered"
     ]
+
+
+async def test_cli_exit_codes_tell_nothing_found_from_failure_and_bad_usage(
+    replica: Replica,
+) -> None:
+    assert replica.port is not None
+    async with grpc_client(replica.port) as client:
+        drained = registration("shipping", "s-1")
+        token = (await client.call("Register", drained)).token
+        await client.call(
+            "Drain", pb.DrainRequest(name="shipping", instance_id="s-1", token=token)
+        )
+
+    no_active = await registry_cli("resolve", "shipping", target(replica))
+    no_token = await registry_cli("deregister", "shipping", "s-1", target(replica))
+    bad_timeout = await registry_cli("list", "--timeout=-1", target(replica))
+
+    assert no_active.returncode == 3
+    assert no_active.stderr.decode().splitlines() == [
+        "registry resolve: UNAVAILABLE: 'shipping' has no active instance: 1 draining"
+    ]
+    assert no_token.returncode == 2
+    assert no_token.stderr.decode().splitlines()[-1] == (
+        "registry deregister: error: the instance token is needed: --token or "
+        "REGISTRY_TOKEN"
+    )
+    assert bad_timeout.returncode == 2
 
 
 async def test_cli_reports_an_unreachable_registry(replica: Replica) -> None:
@@ -286,9 +313,9 @@ async def test_cli_register_refuses_a_bad_request_with_its_reason(
     result = await registry_cli(
         "register", "payments", "--address=10.0.0.9", "--api=grpc", target(replica)
     )
-    assert result.returncode == 1
-    assert (
-        result.stderr.decode() == "registry register: --api 'grpc' is not NAME=PORT\n"
+    assert result.returncode == 2
+    assert result.stderr.decode().splitlines()[-1] == (
+        "registry register: error: argument --api: 'grpc' is not NAME=PORT"
     )
 
     result = await registry_cli("register", "Pay Ments", "--address=x", target(replica))
@@ -321,7 +348,7 @@ async def test_cli_deregister_removes_an_instance_with_its_token(
     again = await registry_cli(
         "deregister", "payments", "p-1", "--token", token, target(replica)
     )
-    assert again.returncode == 1
+    assert again.returncode == 3
     assert again.stderr.decode().splitlines() == [
         "registry deregister: NOT_FOUND: no instance 'p-1' of 'payments' is registered"
     ]
@@ -386,9 +413,10 @@ async def test_cli_tries_each_target_in_turn(replica: Replica) -> None:
     assert [i["instance_id"] for i in json.loads(result.stdout)["instances"]] == ["b-1"]
 
     result = await registry_cli("list", "--target=localhost")
-    assert result.returncode == 1
-    assert result.stderr.decode().startswith(
-        "registry list: --target: endpoint 'localhost' is not HOST:PORT"
+    assert result.returncode == 2
+    reason = result.stderr.decode().splitlines()[-1]
+    assert reason.startswith(
+        "registry list: error: argument --target: endpoint 'localhost' is not HOST:PORT"
     )
 
 
