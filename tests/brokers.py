@@ -8,21 +8,19 @@ Where no broker answers, the tests that need one skip with the reason, or
 fail when REGISTRY_REQUIRE_BROKER=1 (as in CI).
 
 `Amqp` is the tests' own client (aio-pika on the test's trio-asyncio loop):
-it looks at what the registry declared, publishes, and consumes. `TcpProxy`
-stands between a replica and the broker, so that a test can cut the
-connection (and refuse new ones) without touching the shared broker.
+it looks at what the registry declared, publishes, and consumes. A test cuts
+the registry's connection through harness.TcpProxy, never by stopping the
+shared broker.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 import os
 import secrets
-import urllib.parse
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager, suppress
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import aio_pika
@@ -241,89 +239,3 @@ async def open_amqp(url: str) -> AsyncIterator[Amqp]:
                     await amqp.delete_declared()
                 finally:
                     await aio_as_trio(connection.close)()
-
-
-class TcpProxy:
-    """Forwards connections from a loopback port to `target`; cut() closes
-    them all and refuses new ones until heal()."""
-
-    def __init__(self, target_host: str, target_port: int) -> None:
-        self._target = (target_host, target_port)
-        self._cut = False
-        self._links: set[trio.CancelScope] = set()
-        self.port = 0
-
-    @classmethod
-    def to(cls, broker_url: str) -> TcpProxy:
-        parts = urllib.parse.urlsplit(broker_url)
-        return cls(parts.hostname or "127.0.0.1", parts.port or 5672)
-
-    def url(self, broker_url: str) -> str:
-        """`broker_url` pointed at the proxy instead."""
-        parts = urllib.parse.urlsplit(broker_url)
-        userinfo, at, _ = parts.netloc.rpartition("@")
-        netloc = f"{userinfo}{at}127.0.0.1:{self.port}"
-        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-
-    def cut(self) -> None:
-        self._cut = True
-        for link in self._links:
-            link.cancel()
-
-    def heal(self) -> None:
-        self._cut = False
-
-    async def run(self, *, task_status: trio.TaskStatus[int]) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        async with trio.open_nursery() as nursery:
-            task_status.started(self.port)
-            await trio.serve_listeners(
-                self._forward, listeners, handler_nursery=nursery
-            )
-
-    async def _forward(self, client: trio.SocketStream) -> None:
-        async with client:
-            if self._cut:
-                return
-            with trio.CancelScope() as link:
-                self._links.add(link)
-                try:
-                    upstream = await trio.open_tcp_stream(*self._target)
-                    async with upstream, trio.open_nursery() as pipes:
-                        pipes.start_soon(_pipe, client, upstream, link)
-                        pipes.start_soon(_pipe, upstream, client, link)
-                finally:
-                    self._links.discard(link)
-
-
-async def _pipe(
-    source: trio.SocketStream, sink: trio.SocketStream, link: trio.CancelScope
-) -> None:
-    with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-        async for chunk in source:
-            await sink.send_all(chunk)
-    # One side closed: close the whole link.
-    link.cancel()
-
-
-@contextmanager
-def logged(logger: str, fragment: str) -> Iterator[trio.Event]:
-    """An event set when `logger` logs a message containing `fragment`."""
-    seen = trio.Event()
-
-    class Handler(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if fragment in record.getMessage():
-                seen.set()
-
-    handler = Handler(logging.DEBUG)
-    target = logging.getLogger(logger)
-    level = target.level
-    target.addHandler(handler)
-    target.setLevel(logging.DEBUG)
-    try:
-        yield seen
-    finally:
-        target.removeHandler(handler)
-        target.setLevel(level)

@@ -7,19 +7,25 @@ started() of the replica's task, or its "replica ready" log line.
 
 grpcio's client is blocking, so its calls run in a worker thread
 (`in_thread`), leaving the Trio loop free to serve them.
+
+`TcpProxy` stands between a replica and Postgres or RabbitMQ, so that a test
+can cut the connection or stall it without touching the shared servers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+import urllib.parse
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, TypeVar
 
 import grpc
@@ -204,6 +210,133 @@ async def watch_stream(
             receive.close()
 
 
+# --- the network between a replica and its servers ---------------------------
+
+# The port of a URL that names none, by scheme.
+_DEFAULT_PORTS = {"postgresql": 5432, "postgres": 5432, "amqp": 5672}
+
+
+class TcpProxy:
+    """Forwards connections from a loopback port to `target`.
+
+    cut() closes every connection and refuses new ones until heal(). pause()
+    is a silent partition instead: connections stay open, nothing is
+    forwarded either way (new ones are accepted and go nowhere) until
+    resume(). `accepted` counts the connections that came in.
+    """
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self._target = (target_host, target_port)
+        self._cut = False
+        self._links: set[trio.CancelScope] = set()
+        self._flowing = trio.Event()
+        self._flowing.set()
+        self._came_in = trio.Event()
+        self.accepted = 0
+        self.port = 0
+
+    @classmethod
+    def to(cls, url: str) -> TcpProxy:
+        """A proxy to the server of a postgresql:// or amqp:// URL."""
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or _DEFAULT_PORTS[parts.scheme]
+        return cls(parts.hostname or "127.0.0.1", port)
+
+    def url(self, url: str) -> str:
+        """`url` pointed at the proxy instead."""
+        parts = urllib.parse.urlsplit(url)
+        userinfo, at, _ = parts.netloc.rpartition("@")
+        netloc = f"{userinfo}{at}127.0.0.1:{self.port}"
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+    def cut(self) -> None:
+        self._cut = True
+        for link in self._links:
+            link.cancel()
+
+    def heal(self) -> None:
+        self._cut = False
+
+    def pause(self) -> None:
+        if self._flowing.is_set():
+            self._flowing = trio.Event()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
+    async def wait_accepted(self, count: int) -> None:
+        """Return once `count` connections have come in, in all."""
+        with trio.fail_after(WAIT):
+            while self.accepted < count:
+                await self._came_in.wait()
+
+    async def run(self, *, task_status: trio.TaskStatus[int]) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            task_status.started(self.port)
+            await trio.serve_listeners(
+                self._forward, listeners, handler_nursery=nursery
+            )
+
+    async def _forward(self, client: trio.SocketStream) -> None:
+        self.accepted += 1
+        self._came_in.set()
+        self._came_in = trio.Event()
+        async with client:
+            if self._cut:
+                return
+            with trio.CancelScope() as link:
+                self._links.add(link)
+                try:
+                    await self._flowing.wait()
+                    upstream = None
+                    with trio.move_on_after(WAIT), contextlib.suppress(OSError):
+                        upstream = await trio.open_tcp_stream(*self._target)
+                    if upstream is None:
+                        # As a refused connection would be: closed at once.
+                        return
+                    async with upstream, trio.open_nursery() as pipes:
+                        pipes.start_soon(self._pipe, client, upstream, link)
+                        pipes.start_soon(self._pipe, upstream, client, link)
+                finally:
+                    self._links.discard(link)
+
+    async def _pipe(
+        self, source: trio.SocketStream, sink: trio.SocketStream, link: trio.CancelScope
+    ) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            async for chunk in source:
+                await self._flowing.wait()
+                await sink.send_all(chunk)
+        # One side closed: close the whole link.
+        link.cancel()
+
+
+@contextmanager
+def logged(logger: str, fragment: str) -> Iterator[trio.Event]:
+    """An event set when `logger` logs a message containing `fragment`."""
+    seen = trio.Event()
+
+    class Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if fragment in record.getMessage():
+                seen.set()
+
+    handler = Handler(logging.DEBUG)
+    target = logging.getLogger(logger)
+    level = target.level
+    target.addHandler(handler)
+    target.setLevel(logging.DEBUG)
+    try:
+        yield seen
+    finally:
+        target.removeHandler(handler)
+        target.setLevel(level)
+
+
+# --- replica processes ---------------------------------------------------------
+
 _READY = re.compile(rb"replica ready: gRPC on [^ ]+:(\d+)")
 
 
@@ -227,9 +360,14 @@ class ReplicaProcess:
 
 @asynccontextmanager
 async def replica_process(
-    database_url: str, *args: str, **env: str
+    database_url: str | None, *args: str, ready_within: float = WAIT, **env: str
 ) -> AsyncIterator[ReplicaProcess]:
-    """A `registry serve` process on a free port; killed on the way out."""
+    """A `registry serve` process on a free port; killed on the way out.
+
+    With `database_url` None, no database is configured: the process starts
+    an embedded Postgres of its own.
+    """
+    database = [] if database_url is None else ["--database-url", database_url]
     command = [
         sys.executable,
         "-m",
@@ -241,17 +379,20 @@ async def replica_process(
         "0",
         "--ops-port",
         "0",
-        "--database-url",
-        database_url,
+        *database,
         *args,
     ]
+    inherited = dict(os.environ)
+    if database_url is None:
+        inherited.pop("REGISTRY_DATABASE_URL", None)
+        inherited.pop("REGISTRY_TEST_DATABASE_URL", None)
     process = await trio.lowlevel.open_process(
         command,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         # No health probes unless asked for, as in TEST_CONFIG.
-        env={**os.environ, "REGISTRY_MAX_PROBES": "0", **env},
+        env={**inherited, "REGISTRY_MAX_PROBES": "0", **env},
     )
     assert process.stderr is not None
     log = bytearray()
@@ -270,7 +411,7 @@ async def replica_process(
                         port_found.send_nowait(int(match.group(1)))
 
             nursery.start_soon(read_log)
-            with trio.fail_after(WAIT):
+            with trio.fail_after(ready_within):
                 port = await port_wait.receive()
             try:
                 yield ReplicaProcess(process, port, log)
@@ -281,3 +422,62 @@ async def replica_process(
     finally:
         if process.returncode is None:
             process.kill()
+
+
+class Relay:
+    """A TCP relay in front of a replica, for tests that need the network to
+    misbehave: hold() keeps back what the replica sends (its answers reach
+    the client only after release()), while what the client sends goes on
+    through."""
+
+    def __init__(self, port: int) -> None:
+        self.target_port = port
+        self.port = 0
+        self._flowing = trio.Event()
+        self._flowing.set()
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def hold(self) -> None:
+        if self._flowing.is_set():
+            self._flowing = trio.Event()
+
+    def release(self) -> None:
+        self._flowing.set()
+
+    async def _relay(self, client: trio.SocketStream) -> None:
+        with trio.fail_after(WAIT):
+            server = await trio.open_tcp_stream("127.0.0.1", self.target_port)
+        async with client, server, trio.open_nursery() as nursery:
+
+            async def pump(
+                source: trio.SocketStream, sink: trio.SocketStream, held: bool
+            ) -> None:
+                with contextlib.suppress(trio.BrokenResourceError):
+                    async for chunk in source:
+                        if held:
+                            await self._flowing.wait()
+                        await sink.send_all(chunk)
+                # Either side hanging up ends both.
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(pump, client, server, False)
+            nursery.start_soon(pump, server, client, True)
+
+
+@asynccontextmanager
+async def relay(port: int) -> AsyncIterator[Relay]:
+    """A Relay to the replica on `port`, closed (with its connections) on the
+    way out."""
+    proxy = Relay(port)
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            partial(trio.serve_tcp, proxy._relay, 0, host="127.0.0.1")
+        )
+        proxy.port = listeners[0].socket.getsockname()[1]
+        try:
+            yield proxy
+        finally:
+            nursery.cancel_scope.cancel()

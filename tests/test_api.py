@@ -8,14 +8,12 @@ per client; a failed call becomes CallFailed(code, message) either way.
 from __future__ import annotations
 
 import asyncio
-import logging
 import secrets
 import string
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import (
     AbstractAsyncContextManager,
     asynccontextmanager,
-    contextmanager,
 )
 from datetime import timedelta
 from typing import Any, Protocol, cast
@@ -35,7 +33,14 @@ from purerpc.wrappers import (
 )
 from trio_asyncio import aio_as_trio
 
-from harness import WAIT, GrpcClient, grpc_client, registration, start_replica
+from harness import (
+    WAIT,
+    GrpcClient,
+    grpc_client,
+    logged,
+    registration,
+    start_replica,
+)
 from registry.app import Replica
 from registry.v1 import registry_pb2 as pb
 from registry.v1.registry_grpc import RegistryStub
@@ -298,28 +303,6 @@ async def open_sql(database_url: str) -> AsyncIterator[Sql]:
 async def sql(replica: Replica) -> AsyncIterator[Sql]:
     async with open_sql(replica.database_url) as connection:
         yield connection
-
-
-@contextmanager
-def logged(logger: str, fragment: str) -> Iterator[trio.Event]:
-    """An event set when `logger` logs a message containing `fragment`."""
-    seen = trio.Event()
-
-    class Handler(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if fragment in record.getMessage():
-                seen.set()
-
-    handler = Handler(logging.DEBUG)
-    target = logging.getLogger(logger)
-    level = target.level
-    target.addHandler(handler)
-    target.setLevel(logging.DEBUG)
-    try:
-        yield seen
-    finally:
-        target.removeHandler(handler)
-        target.setLevel(level)
 
 
 def seconds(value: float) -> Duration:

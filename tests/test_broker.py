@@ -16,8 +16,8 @@ import grpc
 import pytest
 import trio
 
-from brokers import Amqp, TcpProxy
-from harness import GrpcClient, grpc_client, registration, start_replica
+from brokers import Amqp
+from harness import GrpcClient, TcpProxy, grpc_client, registration, start_replica
 from registry.app import Replica
 from registry.v1 import registry_pb2 as pb
 

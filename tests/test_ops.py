@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import logging
 import socket
-import urllib.parse
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -22,12 +20,13 @@ import trio.testing
 from google.protobuf.duration_pb2 import Duration
 from prometheus_client.parser import text_string_to_metric_families
 
-from brokers import logged
 from harness import (
     TEST_CONFIG,
     WAIT,
+    TcpProxy,
     WatchStream,
     grpc_client,
+    logged,
     registration,
     start_replica,
     watch_stream,
@@ -330,115 +329,50 @@ async def test_metrics_of_two_replicas_in_one_process_stay_apart(
 # --- readiness ---------------------------------------------------------------
 
 
-class TcpProxy:
-    """A TCP proxy in front of Postgres that the test opens and cuts."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self._target = (host, port)
-        self.open = False
-        self._links: set[trio.CancelScope] = set()
-
-    async def serve(
-        self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        try:
-            task_status.started(listeners[0].socket.getsockname()[1])
-            await trio.serve_listeners(self._link, listeners)
-        finally:
-            for listener in listeners:
-                await listener.aclose()
-
-    def cut(self) -> None:
-        """Close every connection through the proxy and refuse new ones."""
-        self.open = False
-        for link in self._links:
-            link.cancel()
-
-    async def _link(self, client: trio.SocketStream) -> None:
-        async with client:
-            if not self.open:
-                return
-            server = await trio.open_tcp_stream(*self._target)
-            async with server:
-                with trio.CancelScope() as link:
-                    self._links.add(link)
-                    try:
-                        async with trio.open_nursery() as pipes:
-                            pipes.start_soon(_pipe, client, server, pipes.cancel_scope)
-                            pipes.start_soon(_pipe, server, client, pipes.cancel_scope)
-                    finally:
-                        self._links.discard(link)
-
-
-async def _pipe(
-    source: trio.SocketStream, sink: trio.SocketStream, done: trio.CancelScope
-) -> None:
-    try:
-        async for chunk in source:
-            await sink.send_all(chunk)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
-    done.cancel()
-
-
-@asynccontextmanager
-async def postgres_proxy(
-    nursery: trio.Nursery, database_url: str
-) -> AsyncIterator[tuple[TcpProxy, str]]:
-    """A proxy to the test's Postgres, closed at first, and the database URL
-    that goes through it."""
-    parts = urllib.parse.urlsplit(database_url)
-    assert parts.hostname and parts.port, "the tests' Postgres must listen on TCP"
-    proxy = TcpProxy(parts.hostname, parts.port)
-    port = await nursery.start(proxy.serve)
-    netloc = parts.netloc.rsplit("@", 1)
-    host = f"127.0.0.1:{port}"
-    proxied = parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host)
-    yield proxy, urllib.parse.urlunsplit(proxied)
-
-
 async def test_readyz_says_not_ready_until_started_and_while_postgres_is_cut(
     nursery: trio.Nursery, database_url: str
 ) -> None:
-    async with postgres_proxy(nursery, database_url) as (proxy, proxied_url):
-        replica = Replica(TEST_CONFIG, proxied_url)
-        ready = trio.Event()
+    proxy = TcpProxy.to(database_url)
+    await nursery.start(proxy.run)
+    # Closed at first: the replica starts before Postgres answers.
+    proxy.cut()
+    replica = Replica(TEST_CONFIG, proxy.url(database_url))
+    ready = trio.Event()
 
-        async def run() -> None:
-            await nursery.start(replica.run)
-            ready.set()
+    async def run() -> None:
+        await nursery.start(replica.run)
+        ready.set()
 
-        nursery.start_soon(run)
-        with trio.fail_after(WAIT):
-            await replica.ops_started.wait()
-        assert replica.ops.port
+    nursery.start_soon(run)
+    with trio.fail_after(WAIT):
+        await replica.ops_started.wait()
+    assert replica.ops.port
 
-        # Up before Postgres answers: alive, not ready, and saying why.
-        alive = await get(replica.ops.port, "/healthz")
-        assert (alive.status_code, alive.text) == (200, "ok\n")
-        starting = await get(replica.ops.port, "/readyz")
-        assert starting.status_code == 503
-        assert starting.text == "not ready: waiting for the database\n"
-        assert (await scrape(replica))("registry_database_up") == 0
+    # Up before Postgres answers: alive, not ready, and saying why.
+    alive = await get(replica.ops.port, "/healthz")
+    assert (alive.status_code, alive.text) == (200, "ok\n")
+    starting = await get(replica.ops.port, "/readyz")
+    assert starting.status_code == 503
+    assert starting.text == "not ready: waiting for the database\n"
+    assert (await scrape(replica))("registry_database_up") == 0
 
-        proxy.open = True
-        with trio.fail_after(WAIT):
-            await ready.wait()
-        serving = await get(replica.ops.port, "/readyz")
-        assert (serving.status_code, serving.text) == (200, "ready\n")
+    proxy.heal()
+    with trio.fail_after(WAIT):
+        await ready.wait()
+    serving = await get(replica.ops.port, "/readyz")
+    assert (serving.status_code, serving.text) == (200, "ready\n")
 
-        proxy.cut()
-        cut = await get(replica.ops.port, "/readyz")
-        assert cut.status_code == 503
-        assert cut.text.startswith("not ready: database unavailable"), cut.text
-        assert (await scrape(replica))("registry_database_up") == 0
-        assert (await get(replica.ops.port, "/healthz")).status_code == 200
+    proxy.cut()
+    cut = await get(replica.ops.port, "/readyz")
+    assert cut.status_code == 503
+    assert cut.text.startswith("not ready: database unavailable"), cut.text
+    assert (await scrape(replica))("registry_database_up") == 0
+    assert (await get(replica.ops.port, "/healthz")).status_code == 200
 
-        proxy.open = True
-        back = await get(replica.ops.port, "/readyz")
-        assert (back.status_code, back.text) == (200, "ready\n")
-        replica.stop()
+    proxy.heal()
+    back = await get(replica.ops.port, "/readyz")
+    assert (back.status_code, back.text) == (200, "ready\n")
+    replica.stop()
 
 
 class _Waiting(logging.Handler):
