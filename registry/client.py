@@ -9,11 +9,14 @@
                     ...
 
 Endpoints are tried in order. A call that cannot reach its endpoint, loses
-its connection, or is answered UNAVAILABLE by it (when there are others),
+its connection, is refused by a replica that is shutting down (GOAWAY,
+REFUSED_STREAM), or is answered UNAVAILABLE (the replica lost its database)
 moves on to the next, each endpoint once per call (and the same one again
-if a connection it had open turns out to be gone); every registry
-call is safe to repeat, and an empty instance_id is filled in here (a random
-one) so that a repeated Register replaces its own entry. Each call has a
+if a connection it had open turns out to be gone); every registry call is
+safe to repeat, and an empty instance_id is filled in here (a random one)
+so that a repeated Register replaces its own entry. Any other status from a
+live replica is the call's answer and is raised at once, as is Resolve's
+"no active instance", which every replica would give. Each call has a
 timeout (the client's default, or the call's `timeout`), sent to the server
 as grpc-timeout and enforced here too.
 
@@ -32,8 +35,10 @@ Errors, all raised from ClientError, whose `code` is the gRPC status name:
     ├── Unauthorized         UNAUTHENTICATED, PERMISSION_DENIED: a missing,
     │                        malformed or outdated instance token
     ├── Unavailable          UNAVAILABLE: no endpoint could be reached, or
-    │                        none could serve the call; also Resolve of a
-    │                        name without an active instance
+    │   │                    the replica could not serve the call (its
+    │   │                    database is down)
+    │   └── NoActiveInstance Resolve of a name whose instances are all
+    │                        pending, inactive or draining
     ├── DeadlineExceeded     DEADLINE_EXCEEDED: the call's timeout passed,
     │                        here or on the server
     ├── OutOfRange           OUT_OF_RANGE: a watch from a compacted revision
@@ -51,7 +56,14 @@ from __future__ import annotations
 import logging
 import math
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -73,6 +85,7 @@ __all__ = [
     "DeadlineExceeded",
     "FailedPrecondition",
     "InvalidArgument",
+    "NoActiveInstance",
     "NotFound",
     "OutOfRange",
     "Registration",
@@ -130,6 +143,11 @@ class Unavailable(ClientError):
     pass
 
 
+class NoActiveInstance(Unavailable):
+    """The name is registered, but none of its instances is ACTIVE; the
+    message counts them by status."""
+
+
 class DeadlineExceeded(ClientError):
     pass
 
@@ -158,6 +176,11 @@ _ERRORS: dict[StatusCode, type[ClientError]] = {
     StatusCode.OUT_OF_RANGE: OutOfRange,
     StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
 }
+
+
+# How the server's UNAVAILABLE for a Resolve says that the name has instances
+# but none of them is ACTIVE.
+_NO_ACTIVE_INSTANCE = "has no active instance"
 
 
 def _error(exc: RpcError) -> ClientError:
@@ -335,13 +358,23 @@ class Client:
     ) -> pb.ResolveResponse:
         """The ACTIVE instances of `name`, read at `min_revision` or later
         and never before this client's own last write. NotFound when no
-        instance of the name is registered, Unavailable when none is active."""
+        instance of the name is registered, NoActiveInstance when none is
+        active."""
         request = pb.ResolveRequest(
             name=name, min_revision=max(min_revision, self._written)
         )
-        response: pb.ResolveResponse = await self._unary(
-            "Resolve", request, pb.ResolveResponse, timeout
-        )
+        try:
+            response: pb.ResolveResponse = await self._unary(
+                "Resolve", request, pb.ResolveResponse, timeout
+            )
+        except Unavailable as exc:
+            # TODO: the server says "no active instance" only in the text of
+            # its UNAVAILABLE message, which is also its status for a lost
+            # database; a machine-readable detail (trailing metadata) would
+            # let the client tell them apart without reading the text.
+            if _NO_ACTIVE_INSTANCE not in str(exc):
+                raise
+            raise NoActiveInstance(str(exc), code=exc.code) from None
         return response
 
     async def list(
@@ -396,18 +429,23 @@ class Client:
         entry. Leaving the block, however it is left, cancellation included,
         drains the instance and deregisters it, shielded, within
         `shutdown_timeout` (default: the client's timeout).
+
+        If another process registers the same instance id, the registry
+        refuses this one's heartbeats (its generation is outdated): the
+        block then ends with Unauthorized rather than take the entry back.
         """
         registration = Registration(self, _with_instance_id(request))
-        await registration._register()
         try:
+            await registration._register()
             async with _helper_nursery() as nursery:
                 if registration.ttl is not None:
                     nursery.start_soon(registration._keep_alive)
                 yield registration
         finally:
-            await registration._leave(
-                self.timeout if shutdown_timeout is None else shutdown_timeout
-            )
+            if registration.token:
+                await registration._leave(
+                    self.timeout if shutdown_timeout is None else shutdown_timeout
+                )
 
     @asynccontextmanager
     async def watch(
@@ -418,16 +456,20 @@ class Client:
         snapshot: bool = False,
     ) -> AsyncIterator[Watch]:
         """Follow the events of `names` (every name if empty) for the
-        duration of the block; see Watch."""
+        duration of the block; see Watch.
+
+        The stream starts before the block does, on the first endpoint that
+        takes it within the client's timeout: Unavailable (or
+        DeadlineExceeded) if none does. Once started, it resumes by itself.
+        """
         watch = Watch(self, names, from_revision=from_revision, snapshot=snapshot)
         try:
             if not from_revision and not snapshot:
                 # "From now on" is pinned to a revision, read once, so that
-                # a resume cannot skip what happened meanwhile; and the
-                # stream starts at once (else when first iterated).
+                # a resume cannot skip what happened meanwhile.
                 name = watch.names[0] if watch.names else ""
                 watch.revision = (await self.list(name=name)).revision
-                await watch._try_open()
+            await watch._start()
             yield watch
         finally:
             watch._close()
@@ -488,8 +530,15 @@ class Client:
                             attempts += 1
                         stale_retried = True
                 except RpcError as exc:
-                    if exc.code is not StatusCode.UNAVAILABLE or len(failures) + 1 >= (
-                        attempts
+                    # A live replica answered. UNAVAILABLE from it means it
+                    # cannot serve now (it lost its database): another
+                    # replica may, if there is one left to try. Any other
+                    # status is the answer, as is "no active instance",
+                    # which every replica would give.
+                    if (
+                        exc.code is not StatusCode.UNAVAILABLE
+                        or _NO_ACTIVE_INSTANCE in str(exc)
+                        or len(failures) + 1 >= attempts
                     ):
                         raise _error(exc) from None
                     assert channel is not None
@@ -651,76 +700,43 @@ class Registration:
             for api in request.apis:
                 if api.port == 0:
                     api.port = assigned.get(api.name, 0)
-        self.response = await self._client.register(request)
+        # Shielded: once sent, the Register may commit, and only its answer
+        # carries the token that lets leaving remove the entry. The call's
+        # timeout is the deadline.
+        with trio.CancelScope(shield=True):
+            self.response = await self._client.register(
+                request, timeout=self._client.timeout
+            )
         self.status = self.response.instance.status
 
     async def _keep_alive(self) -> None:
         assert self.ttl is not None
-        ttl = self.ttl
-        backoff = Backoff(min(0.5, ttl / 3), ttl / 3)
-        lost = False
-        # The first heartbeat at once: it is what makes the instance ACTIVE.
-        next_at = trio.current_time()
-        while True:
-            await trio.sleep_until(next_at)
-            started = trio.current_time()
-            try:
-                if lost:
-                    await self._register()
-                    lost = False
-                    log.info(
-                        "registered %s/%s again, generation %d",
-                        self.name,
-                        self.instance_id,
-                        self.generation,
-                    )
-                response = await self._client.heartbeat(
-                    self.name,
-                    self.instance_id,
-                    self.token,
-                    timeout=min(self._client.timeout, ttl),
-                )
-            except (NotFound, Unauthorized) as exc:
-                # Expired, removed, or replaced by another Register: there is
-                # no entry to renew; make one again, at once the first time.
-                log.warning(
-                    "the registry lost %s/%s (%s); registering it again",
-                    self.name,
-                    self.instance_id,
-                    exc,
-                )
-                next_at = trio.current_time() + (backoff.next() if lost else 0.0)
-                lost = True
-                continue
-            except InvalidArgument:
-                raise
-            except ClientError as exc:
-                if exc.code == "UNIMPLEMENTED":
-                    log.warning(
-                        "the registry does not implement Heartbeat; %s/%s is not "
-                        "kept alive",
-                        self.name,
-                        self.instance_id,
-                    )
-                    return
-                delay = backoff.next()
-                log.warning(
-                    "heartbeat of %s/%s failed: %s; trying again in %.1fs",
-                    self.name,
-                    self.instance_id,
-                    exc,
-                    delay,
-                )
-                next_at = trio.current_time() + delay
-                continue
-            backoff.reset()
-            self.heartbeats += 1
-            self.status = response.status
-            # The registry may say how long it waits (its TTL for the entry).
-            answered = response.ttl.ToTimedelta().total_seconds()
-            if answered > 0:
-                ttl = answered
-            next_at = started + ttl / 3
+        await _heartbeat_loop(
+            f"{self.name}/{self.instance_id}",
+            self.ttl,
+            self._heartbeat,
+            self._register_again,
+        )
+
+    async def _heartbeat(self) -> float:
+        response = await self._client.heartbeat(
+            self.name,
+            self.instance_id,
+            self.token,
+            timeout=min(self._client.timeout, self.ttl or math.inf),
+        )
+        self.heartbeats += 1
+        self.status = response.status
+        return float(response.ttl.ToTimedelta().total_seconds())
+
+    async def _register_again(self) -> None:
+        await self._register()
+        log.info(
+            "registered %s/%s again, generation %d",
+            self.name,
+            self.instance_id,
+            self.generation,
+        )
 
     async def _leave(self, timeout: float) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(timeout) as deadline:
@@ -753,6 +769,71 @@ class Registration:
         except ClientError as exc:
             self.leave_error = f"could not deregister {name}/{instance_id}: {exc}"
             log.warning("%s", self.leave_error)
+
+
+async def _heartbeat_loop(
+    who: str,
+    ttl: float,
+    heartbeat: Callable[[], Awaitable[float]],
+    register_again: Callable[[], Awaitable[None]],
+) -> None:
+    """Keep `who` alive: `heartbeat()` every TTL/3, counted from the start of
+    the previous one; it returns the TTL the registry answered (0 if none),
+    which then sets the pace. The first is sent at once: it is what makes
+    the instance ACTIVE.
+
+    NotFound (the registry lost the entry: it expired or was removed) calls
+    `register_again()`, at once the first time, then with a backoff. Other
+    failures are retried with a backoff, within TTL/3. Unauthorized ends
+    the loop with that error: the entry belongs to a newer registration of
+    the same instance id, and taking it back would make the two overwrite
+    each other forever.
+    """
+    backoff = Backoff(min(0.5, ttl / 3), ttl / 3)
+    lost = False
+    losses = 0
+    next_at = trio.current_time()
+    while True:
+        await trio.sleep_until(next_at)
+        started = trio.current_time()
+        try:
+            if lost:
+                await register_again()
+                lost = False
+            answered = await heartbeat()
+        except NotFound as exc:
+            log.warning("the registry lost %s (%s); registering it again", who, exc)
+            next_at = trio.current_time() + (backoff.next() if losses else 0.0)
+            lost = True
+            losses += 1
+            continue
+        except Unauthorized as exc:
+            raise Unauthorized(
+                f"the registry refused the heartbeat of {who} ({exc}): a newer "
+                "registration of the same instance id owns the entry; this one "
+                "stopped sending heartbeats",
+                code=exc.code,
+            ) from None
+        except InvalidArgument:
+            raise
+        except ClientError as exc:
+            if exc.code == "UNIMPLEMENTED":
+                log.warning(
+                    "the registry does not implement Heartbeat; %s is not kept alive",
+                    who,
+                )
+                return
+            delay = backoff.next()
+            log.warning(
+                "heartbeat of %s failed: %s; trying again in %.1fs", who, exc, delay
+            )
+            next_at = trio.current_time() + delay
+            continue
+        backoff.reset()
+        losses = 0
+        if answered > 0:
+            ttl = answered
+        next_at = started + ttl / 3
 
 
 # --- watch -------------------------------------------------------------------
@@ -848,10 +929,18 @@ class Watch:
                 continue
             if response is None:
                 # The replica is shutting down and ended the stream cleanly.
+                # Still a backoff: one that ends every stream at once must
+                # not be called in a hot loop. (The backoff restarts with
+                # each message, so a stream that served waits little.)
                 endpoint = self._drop_call()
+                delay = self._backoff.next()
                 log.info(
-                    "%s ended the watch; resuming from %d", endpoint, self.revision
+                    "%s ended the watch; resuming from %d in %.1fs",
+                    endpoint,
+                    self.revision,
+                    delay,
                 )
+                await trio.sleep(delay)
                 continue
             self._backoff.reset()
             item = self._take(response)
@@ -875,6 +964,24 @@ class Watch:
             self.revision = response.event.revision
             return response.event
         return None
+
+    async def _start(self) -> None:
+        """Open the first stream: each endpoint once, within the client's
+        timeout."""
+        client = self._client
+        failures: list[str] = []
+        with trio.move_on_after(client.timeout):
+            while len(failures) < len(client._endpoints):
+                failure = await self._try_open()
+                if failure is None:
+                    return
+                failures.append(failure)
+            raise Unavailable("; ".join(dict.fromkeys(failures)), code="UNAVAILABLE")
+        raise DeadlineExceeded(
+            f"no watch stream started within {client.timeout}s"
+            + (f" ({self.last_failure})" if self.last_failure else ""),
+            code="DEADLINE_EXCEEDED",
+        )
 
     async def _open(self) -> None:
         while (failure := await self._try_open()) is not None:

@@ -3,10 +3,15 @@ serve` processes for the tests that kill one."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+import math
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 from typing import Any
 
+import grpc
 import pytest
 import trio
 import trio_asyncio
@@ -14,8 +19,10 @@ from google.protobuf.duration_pb2 import Duration
 
 from harness import (
     WAIT,
+    TcpProxy,
     grpc_client,
     registration,
+    relay,
     replica_process,
     start_replica,
     watch_stream,
@@ -26,7 +33,10 @@ from registry._client_transport import RpcError, hold_channel
 from registry.app import Replica
 from registry.client import (
     Client,
+    ClientError,
+    DeadlineExceeded,
     InvalidArgument,
+    NoActiveInstance,
     NotFound,
     Resynced,
     Snapshot,
@@ -36,6 +46,7 @@ from registry.client import (
 )
 from registry.db import Database
 from registry.v1 import registry_pb2 as pb
+from registry.v1 import registry_pb2_grpc
 
 
 def service(name: str, instance_id: str, n: int = 1, **fields: Any) -> Any:
@@ -43,9 +54,10 @@ def service(name: str, instance_id: str, n: int = 1, **fields: Any) -> Any:
     return registration(name, instance_id, address=f"10.0.0.{n}", **fields)
 
 
-def with_ttl(request: Any, seconds: int = 1) -> Any:
+def with_ttl(request: Any, seconds: int = 5) -> Any:
     """`request` with a TTL check that a single heartbeat (or a single miss)
-    settles."""
+    settles. Heartbeats go every TTL/3: one has to be late by two thirds of
+    the TTL to be missed."""
     request.check.CopyFrom(
         pb.HealthCheck(
             ttl=pb.TtlCheck(ttl=Duration(seconds=seconds)),
@@ -168,6 +180,61 @@ async def test_client_fails_over_past_an_unreachable_endpoint(
         assert [i.instance_id for i in (await client.resolve("billing")).instances] == [
             "b-1"
         ]
+
+
+async def test_client_fails_over_when_its_replica_lost_the_database(
+    nursery: trio.Nursery, database_url: str
+) -> None:
+    proxy = TcpProxy.to(database_url)
+    await nursery.start(proxy.run)
+    cut_off = await start_replica(nursery, proxy.url(database_url))
+    healthy = await start_replica(nursery, database_url)
+    async with connect([endpoint(cut_off), endpoint(healthy)]) as client:
+        await client.register(service("billing", "b-1"))
+        assert client.endpoint == endpoint(cut_off)
+
+        proxy.cut()
+        resolved = await client.resolve("billing")
+
+        assert [i.instance_id for i in resolved.instances] == ["b-1"]
+        assert client.endpoint == endpoint(healthy)
+
+
+async def test_client_resolve_without_an_active_instance_stays_on_its_endpoint(
+    nursery: trio.Nursery, database_url: str
+) -> None:
+    a = await start_replica(nursery, database_url)
+    b = await start_replica(nursery, database_url)
+    async with connect([endpoint(a), endpoint(b)]) as client:
+        # Pending until its first heartbeat, which nobody sends.
+        await client.register(with_ttl(service("billing", "b-1")))
+        with pytest.raises(NoActiveInstance) as none_active:
+            await client.resolve("billing")
+        assert str(none_active.value) == (
+            "UNAVAILABLE: 'billing' has no active instance: 1 pending"
+        )
+        assert isinstance(none_active.value, Unavailable)
+        assert none_active.value.code == "UNAVAILABLE"
+
+        # A live replica's answer: the client neither failed over nor
+        # dropped its connection.
+        assert client.endpoint == endpoint(a)
+        await client.list()
+        assert client.endpoint == endpoint(a)
+
+
+async def test_client_reads_wait_for_the_revision_of_its_own_last_write(
+    client: Client,
+) -> None:
+    await client.register(service("billing", "b-1"))
+    # As if its last write had gone to a replica that this one has not
+    # caught up with: reads wait for it, however they are made.
+    client._wrote("orders", 10**6)
+    with trio.fail_after(WAIT):
+        with pytest.raises(DeadlineExceeded):
+            await client.resolve("billing", timeout=0.2)
+        with pytest.raises(DeadlineExceeded):
+            await client.list(name="billing", timeout=0.2)
 
 
 async def test_client_without_a_reachable_endpoint_raises_unavailable() -> None:
@@ -314,8 +381,21 @@ async def test_registered_block_drains_then_deregisters_when_cancelled(
 async def test_registered_heartbeats_keep_a_ttl_instance_active(
     client: Client, replica: Replica
 ) -> None:
-    ttl = 1
-    async with client.registered(with_ttl(service("billing", "b-1"), ttl)) as me:
+    ttl = 2
+    request = service("billing", "b-1")
+    # Without heartbeats, INACTIVE one TTL and one interval after the first
+    # (2 misses); with them, only if they stall for that long: late ones on
+    # a loaded machine do not count. Their cadence is tested below, on the
+    # mock clock.
+    request.check.CopyFrom(
+        pb.HealthCheck(
+            ttl=pb.TtlCheck(ttl=Duration(seconds=ttl)),
+            interval=Duration(seconds=1),
+            success_threshold=1,
+            failure_threshold=2,
+        )
+    )
+    async with client.registered(request) as me:
         assert me.instance.status == pb.STATUS_PENDING
         async with client.watch(["billing"], from_revision=me.revision) as events:
             with trio.fail_after(WAIT):
@@ -324,12 +404,9 @@ async def test_registered_heartbeats_keep_a_ttl_instance_active(
                 pb.EVENT_TYPE_STATUS_CHANGED,
                 pb.STATUS_ACTIVE,
             )
-            # Over several TTLs, not one change: the heartbeats (every TTL/3)
-            # renew it before each deadline, which a miss would cross.
-            with trio.move_on_after(2.5 * ttl):
+            with trio.move_on_after(2 * ttl):
                 changed = await anext(events)
                 pytest.fail(f"the instance changed: {changed}")
-        assert me.heartbeats >= 6
         assert me.status == pb.STATUS_ACTIVE
         assert await listed(replica, "billing") == [("b-1", pb.STATUS_ACTIVE)]
     assert await listed(replica, "billing") == []
@@ -372,6 +449,197 @@ async def test_registered_registers_again_when_the_registry_lost_the_entry(
         assert me.ports == first_ports == await ports_of(replica, "billing", "b-1")
         assert await listed(replica, "billing") == [("b-1", pb.STATUS_ACTIVE)]
     assert await listed(replica, "billing") == []
+
+
+async def test_registered_block_ends_when_a_newer_registration_owns_the_entry(
+    client: Client, replica: Replica
+) -> None:
+    assert replica.port is not None
+    with trio.fail_after(WAIT), pytest.raises(Unauthorized) as replaced:
+        async with client.registered(with_ttl(service("billing", "b-1"))) as me:
+            # Another process starts with the same instance id.
+            async with grpc_client(replica.port) as official:
+                newer = await official.call(
+                    "Register", with_ttl(service("billing", "b-1"))
+                )
+            await trio.sleep_forever()
+    assert replaced.value.code == "PERMISSION_DENIED"
+    assert "a newer registration of the same instance id owns the entry" in str(
+        replaced.value
+    )
+
+    # The newer one keeps its entry: neither registered over nor removed.
+    async with grpc_client(replica.port) as official:
+        (instance,) = (
+            await official.call("List", pb.ListRequest(name="billing"))
+        ).instances
+    assert (instance.instance_id, instance.generation) == ("b-1", 2)
+    assert instance.generation == newer.instance.generation
+    assert me.deregistered_revision is None
+
+
+async def test_registered_block_cancelled_while_registering_still_deregisters(
+    replica: Replica,
+) -> None:
+    assert replica.port is not None
+    async with (
+        relay(replica.port) as proxy,
+        connect(proxy.endpoint) as client,
+        grpc_client(replica.port) as official,
+    ):
+        before = await client.register(service("orders", "o-1"))
+        request = pb.WatchRequest(names=["billing"], from_revision=before.revision)
+        async with watch_stream(official.stub, request) as stream:
+            holding = trio.CancelScope()
+
+            async def hold() -> None:
+                with holding:
+                    async with client.registered(service("billing", "b-1", 2)):
+                        await trio.sleep_forever()
+
+            async with trio.open_nursery() as nursery:
+                # The replica's answer to the Register is kept back; the
+                # block is cancelled once the Register has committed.
+                proxy.hold()
+                nursery.start_soon(hold)
+                registered = await stream.receive_event()
+                assert registered.type == pb.EVENT_TYPE_REGISTERED
+                holding.cancel()
+                proxy.release()
+            assert holding.cancelled_caught
+
+        # Its answer was still taken, and with its token the entry removed.
+        assert await listed(replica, "billing") == []
+
+
+async def test_registered_block_gives_up_leaving_after_its_shutdown_timeout(
+    replica: Replica, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert replica.port is not None
+    async with relay(replica.port) as proxy, connect(proxy.endpoint) as client:
+        with trio.fail_after(WAIT):
+            async with client.registered(
+                service("billing", "b-1"), shutdown_timeout=0.5
+            ) as me:
+                # Whatever the replica answers from now on is lost.
+                proxy.hold()
+                leaving = trio.current_time()
+            took = trio.current_time() - leaving
+    # Bounded by the shutdown timeout, well before a call's own (10 s).
+    assert 0.5 <= took < client.timeout / 2
+    assert me.leave_error == (
+        "could not deregister billing/b-1 within 0.5s; "
+        "with a TTL check the registry expires it"
+    )
+    assert me.deregistered_revision is None
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "registry.client" and r.levelno >= logging.WARNING
+    ]
+    assert warnings == [me.leave_error]
+
+
+# --- the heartbeat cadence, on the mock clock --------------------------------
+
+
+class Renewals:
+    """What the heartbeat loop calls, as plain functions: each call takes
+    `latency` and answers with the next of `answers` (a TTL the registry
+    says, 0 for none, or an error to raise), then 0 for good. Times are
+    seconds since it was made."""
+
+    def __init__(
+        self, answers: list[float | ClientError], latency: float = 0.25
+    ) -> None:
+        self.heartbeats: list[float] = []
+        self.registrations: list[float] = []
+        self._answers = answers
+        self._latency = latency
+        self._start = trio.current_time()
+
+    async def heartbeat(self) -> float:
+        self.heartbeats.append(trio.current_time() - self._start)
+        await trio.sleep(self._latency)
+        answer = self._answers.pop(0) if self._answers else 0.0
+        if isinstance(answer, ClientError):
+            raise answer
+        return answer
+
+    async def register_again(self) -> None:
+        self.registrations.append(trio.current_time() - self._start)
+        await trio.sleep(self._latency)
+
+    async def run(self, ttl: float, *, until: float) -> None:
+        with trio.move_on_after(until):
+            await registry_client._heartbeat_loop(
+                "billing/b-1", ttl, self.heartbeat, self.register_again
+            )
+
+
+def lost() -> NotFound:
+    return NotFound("NOT_FOUND: no instance 'b-1' of 'billing'", code="NOT_FOUND")
+
+
+async def test_heartbeats_go_every_third_of_the_ttl_the_registry_answers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Counted from the start of the previous one, so latency does not add
+    # up; the second answer halves the TTL.
+    renewals = Renewals([0.0, 4.5])
+    await renewals.run(9, until=8)
+    assert renewals.heartbeats == [0, 3, 4.5, 6, 7.5]
+    assert renewals.registrations == []
+
+
+async def test_heartbeat_loop_registers_again_at_once_then_with_a_backoff(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    renewals = Renewals([0.0, lost(), lost()])
+    await renewals.run(9, until=7.5)
+    # Lost at 3.25: registered again at once, renewed; lost again at 3.75:
+    # registered again after a backoff (its first is 0.25-0.5 s).
+    first, second = renewals.registrations
+    assert renewals.heartbeats[:3] == [0, 3, 3.5]
+    assert first == 3.25
+    assert 4.0 <= second <= 4.25
+    # Then the steady cadence, from the start of the successful round.
+    assert renewals.heartbeats[3:] == pytest.approx([second + 0.25, second + 3])
+
+
+async def test_heartbeat_loop_retries_a_failed_heartbeat_within_a_third_of_the_ttl(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    down = Unavailable("cannot reach 10.0.0.5:50051", code="UNAVAILABLE")
+    renewals = Renewals([0.0, down, down])
+    await renewals.run(9, until=6)
+    _, failed, again, third, *_ = renewals.heartbeats
+    assert failed == 3
+    assert 0.25 <= again - (failed + 0.25) <= 0.5
+    assert 0.5 <= third - (again + 0.25) <= 1.0
+    assert renewals.registrations == []
+
+
+async def test_heartbeat_loop_stops_when_a_newer_registration_owns_the_entry(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    refused = Unauthorized(
+        "PERMISSION_DENIED: the token is of generation 1; generation 2 is current",
+        code="PERMISSION_DENIED",
+    )
+    renewals = Renewals([0.0, refused])
+    with pytest.raises(Unauthorized) as stopped:
+        await renewals.run(9, until=60)
+    assert trio.current_time() - renewals._start == 3.25
+    assert renewals.heartbeats == [0, 3]
+    assert renewals.registrations == []
+    assert stopped.value.code == "PERMISSION_DENIED"
+    assert str(stopped.value) == (
+        "the registry refused the heartbeat of billing/b-1 (PERMISSION_DENIED: "
+        "the token is of generation 1; generation 2 is current): a newer "
+        "registration of the same instance id owns the entry; this one stopped "
+        "sending heartbeats"
+    )
 
 
 # --- watch -------------------------------------------------------------------
@@ -460,7 +728,74 @@ async def test_watch_resumes_on_another_replica_when_its_replica_drains(
         assert (event.revision, event.instance.instance_id) == (second.revision, "b-2")
         assert client.endpoint == endpoint(b)
     # A clean hand-over (GOAWAY, the stream ended OK), not a broken connection.
-    assert [r.message for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "registry.client" and r.levelno >= logging.WARNING
+    ] == []
+
+
+@pytest.mark.parametrize(
+    "start",
+    [{"from_revision": 1}, {"snapshot": True}, {}],
+    ids=["from-a-revision", "snapshot", "from-now"],
+)
+async def test_watch_of_an_unreachable_registry_fails_before_its_block(
+    start: dict[str, Any],
+) -> None:
+    first, second = await unused_endpoint(), await unused_endpoint()
+    async with connect([first, second]) as client:
+        with trio.fail_after(WAIT), pytest.raises(Unavailable) as unavailable:
+            async with client.watch(["billing"], **start):
+                pytest.fail("the watch block began")
+    assert f"cannot reach {first}" in str(unavailable.value)
+    assert f"cannot reach {second}" in str(unavailable.value)
+
+
+class EndsEveryWatch(registry_pb2_grpc.RegistryServicer):  # type: ignore[misc]  # generated, untyped
+    """A Registry (grpcio) whose Watch streams end at once, with OK and no
+    message; it sends the (Trio) time of each one to `opened`."""
+
+    def __init__(self, opened: trio.MemorySendChannel[float]) -> None:
+        self._opened = opened
+        self._token = trio.lowlevel.current_trio_token()
+
+    def Watch(self, request: Any, context: Any) -> Iterator[Any]:
+        with contextlib.suppress(trio.RunFinishedError):
+            trio.from_thread.run_sync(
+                lambda: self._opened.send_nowait(trio.current_time()),
+                trio_token=self._token,
+            )
+        return iter(())
+
+
+async def test_watch_backs_off_when_its_streams_end_at_once() -> None:
+    opened, opening = trio.open_memory_channel[float](math.inf)
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    registry_pb2_grpc.add_RegistryServicer_to_server(EndsEveryWatch(opened), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        async with (
+            connect(f"127.0.0.1:{port}") as client,
+            client.watch(from_revision=1) as events,
+            trio.open_nursery() as nursery,
+        ):
+
+            async def follow() -> None:
+                async for _ in events:
+                    pass
+
+            nursery.start_soon(follow)
+            with trio.fail_after(WAIT):
+                times = [await opening.receive() for _ in range(5)]
+            nursery.cancel_scope.cancel()
+    finally:
+        server.stop(None)
+    # The waits are drawn from the upper half of a bound that doubles from
+    # 0.1 s; a resume without one would follow at once.
+    gaps = [later - earlier for earlier, later in pairwise(times)]
+    assert all(gap >= 0.1 * 2**n / 2 for n, gap in enumerate(gaps)), gaps
 
 
 async def test_watch_from_a_compacted_revision_resyncs_from_a_snapshot(
