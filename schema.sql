@@ -399,6 +399,61 @@ BEGIN
 END;
 $$;
 
+-- Many registrations in one transaction, so that they share one commit (one
+-- WAL flush) and one hold of the revision counter: group commit, as a
+-- replica batches the Register calls that arrive together. p_items is a JSON
+-- array of objects holding registry.register's arguments by name, without
+-- their p_ prefix (token_hash in hex). One row comes back per item, in
+-- order: the stored entry (without its token hash), or the item's error.
+--
+-- Every lock the items will need is taken first, in one order shared by all
+-- batches (the addresses by their lock key, then the existing instance rows,
+-- then the revision counter), so that two batches, or a batch and a
+-- single-row write, never wait on each other in a cycle. Each item then
+-- runs in a subtransaction of its own: one that is refused (a port held)
+-- is undone alone, and the others stand.
+CREATE OR REPLACE FUNCTION registry.register_many(p_items jsonb)
+RETURNS TABLE (entry jsonb, error_state text, error_message text,
+               error_detail text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    item jsonb;
+    stored registry.instances;
+BEGIN
+    PERFORM pg_advisory_xact_lock(1886351988, key)
+    FROM (SELECT DISTINCT hashtext(i->>'address_key') AS key
+          FROM jsonb_array_elements(p_items) AS i) AS keys
+    ORDER BY key;
+    PERFORM 1 FROM registry.instances
+    WHERE (name, instance_id) IN (
+        SELECT i->>'name', i->>'instance_id' FROM jsonb_array_elements(p_items) AS i)
+    ORDER BY name, instance_id
+    FOR UPDATE;
+    PERFORM 1 FROM registry.revision FOR UPDATE;
+
+    FOR item IN SELECT value FROM jsonb_array_elements(p_items) LOOP
+        entry := NULL;
+        error_state := NULL;
+        error_message := NULL;
+        error_detail := NULL;
+        BEGIN
+            SELECT * INTO stored FROM registry.register(
+                item->>'name', item->>'instance_id', item->>'status',
+                item->>'address', item->>'address_key', item->>'version',
+                item->>'description', item->'apis', item->'brokers',
+                item->'metadata', NULLIF(item->'health_check', 'null'::jsonb),
+                decode(item->>'token_hash', 'hex'), item->'follows',
+                item->>'events_queue');
+            entry := to_jsonb(stored) - 'token_hash';
+        EXCEPTION WHEN OTHERS THEN
+            GET STACKED DIAGNOSTICS error_state = RETURNED_SQLSTATE,
+                error_message = MESSAGE_TEXT, error_detail = PG_EXCEPTION_DETAIL;
+        END;
+        RETURN NEXT;
+    END LOOP;
+END;
+$$;
+
 -- The RabbitMQ outbox: every event up to `published` has been published to
 -- the events exchange. One row, so that one replica at a time publishes, in
 -- revision order: a replica claims the row with FOR UPDATE SKIP LOCKED,

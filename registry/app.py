@@ -4,6 +4,7 @@
     ├─ ops endpoint (HTTP)           /metrics, /healthz, /readyz
     └─ supervisor nursery
        ├─ notifier                   LISTEN -> fan-out to local watchers
+       ├─ committer                  Register calls stored in batches (group commit)
        ├─ janitor                    event log and history compaction
        ├─ probe scheduler            claims due health probes, runs, records them
        ├─ broker link                one RabbitMQ connection, kept open (with a broker)
@@ -37,6 +38,7 @@ from .cache import ResolveCache
 from .config import Config
 from .db import Database, redact
 from .errors import InvalidArgument, Unavailable
+from .group_commit import Committer
 from .health import Health
 from .janitor import run_janitor
 from .metrics import Metrics
@@ -212,6 +214,7 @@ class Replica:
         config = self.config
         probe_settings = ProbeSettings.from_config(config)
         ports, broker = self._ports_and_broker()
+        committer = Committer(db)
         service = RegistryService(
             db,
             self.hub,
@@ -222,6 +225,7 @@ class Replica:
             ports=ports,
             broker=broker,
             events_exchange=config.events_exchange,
+            committer=committer,
         )
         services = [service.service(), self.health.service()]
         reflection = Reflection(s.name for s in services)
@@ -238,6 +242,8 @@ class Replica:
 
         async with trio.open_nursery() as nursery:
             await nursery.start(notifier.run)
+            # Before the server, and so cancelled after it has drained.
+            await nursery.start(committer.run)
             await nursery.start(
                 lambda task_status: run_janitor(
                     db,

@@ -26,6 +26,7 @@ from .errors import (
     ResourceExhausted,
     Unavailable,
 )
+from .group_commit import Committer
 from .health_api import HealthApi
 from .health_machine import ProbeDefaults
 from .model import Event, Instance, Registration, Status
@@ -90,9 +91,12 @@ class RegistryService:
         ports: PortPolicy = DEFAULT_POLICY,
         broker: Broker | None = None,
         events_exchange: str = "registry.events",
+        committer: Committer | None = None,
     ) -> None:
         self._db = db
         self._hub = hub
+        # Registrations are stored in batches through it, when running.
+        self._committer = committer
         self._settings = settings
         self._ports = ports
         # None: no broker is configured, and broker features are off.
@@ -138,6 +142,7 @@ class RegistryService:
             secret_hash,
             ports=self._ports,
             events_queue=topology.events_queue,
+            committer=self._committer,
         )
         self._hub.cache.forget(instance.name)
         log.info(

@@ -14,6 +14,7 @@ import asyncpg
 
 from .db import Connection, Database
 from .errors import AlreadyExists
+from .group_commit import Committer, Refused, register_many
 from .hostports import free_port_check
 from .model import (
     Api,
@@ -46,6 +47,7 @@ _INSTANCE_COLUMNS = """
 
 # registry.register's SQLSTATE for a port another instance holds.
 _PORT_HELD = "RG001"
+_UNIQUE_VIOLATION = "23505"
 # Rounds of choosing ports from the local range before a registration gives
 # up: each lost one means another registration took a chosen port meanwhile.
 _CHOICE_ATTEMPTS = 5
@@ -110,6 +112,7 @@ async def put_instance(
     *,
     ports: PortPolicy = DEFAULT_POLICY,
     events_queue: str = "",
+    committer: Committer | None = None,
 ) -> Instance:
     """Store `registration` as the next generation of its instance, with the
     ports `ports` assigns to its APIs.
@@ -117,10 +120,12 @@ async def put_instance(
     AlreadyExists if a port it names is held by another instance on its
     address; ResourceExhausted if no port is left to assign.
 
-    One statement does the write (registry.register). Only an API that asks
-    for a port from the local range costs a read before it: what its address
-    holds, to choose from. Another registration may take a chosen port in
-    between; registry.register then refuses it, and the choice is made again.
+    The write goes through `committer`, in a batch with the registrations
+    that arrive with it (registry.register_many); without one, in a batch of
+    its own. Only an API that asks for a port from the local range costs a
+    read before it: what its address holds, to choose from. Another
+    registration may take a chosen port in between; registry.register then
+    refuses it, and the choice is made again.
     """
     address = address_key(registration.address)
     choose = ports.mode is PortMode.LOCAL and any(
@@ -141,34 +146,41 @@ async def put_instance(
             is_free=is_free,
             offset=random.randrange(len(ports.range)),
         )
+        item = {
+            "name": registration.name,
+            "instance_id": registration.instance_id,
+            "status": status.value,
+            "address": registration.address,
+            "address_key": address,
+            "version": registration.version,
+            "description": registration.description,
+            "apis": [dataclasses.asdict(api) for api in apis],
+            "brokers": [dataclasses.asdict(broker) for broker in registration.brokers],
+            "metadata": registration.metadata,
+            "health_check": check_to_json(registration.check),
+            "token_hash": token_hash.hex(),
+            "follows": list(registration.follows),
+            "events_queue": events_queue,
+        }
         try:
-            row = await db.fetchrow(
-                f"SELECT {_INSTANCE_COLUMNS} FROM registry.register("
-                "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-                registration.name,
-                registration.instance_id,
-                status.value,
-                registration.address,
-                address,
-                registration.version,
-                registration.description,
-                [dataclasses.asdict(api) for api in apis],
-                [dataclasses.asdict(broker) for broker in registration.brokers],
-                registration.metadata,
-                check_to_json(registration.check),
-                token_hash,
-                list(registration.follows),
-                events_queue,
-            )
-        except asyncpg.UniqueViolationError:
-            # Only a writer that skipped the address's lock gets here.
-            raise AlreadyExists(
-                f"apis: a port of this registration on {registration.address} was "
-                "taken at the same moment by another writer; register again"
-            ) from None
-        except asyncpg.PostgresError as exc:
-            if exc.sqlstate != _PORT_HELD:
-                raise
+            if committer is None:
+                [outcome] = await register_many(db, [item])
+                if isinstance(outcome, Refused):
+                    raise outcome
+                entry = outcome
+            else:
+                entry = await committer.register(item)
+        except Refused as exc:
+            if exc.sqlstate == _UNIQUE_VIOLATION:
+                # Only a writer that skipped the address's lock gets here.
+                raise AlreadyExists(
+                    f"apis: a port of this registration on {registration.address} "
+                    "was taken at the same moment by another writer; register again"
+                ) from None
+            if exc.sqlstate != _PORT_HELD or exc.detail is None:
+                raise RuntimeError(
+                    f"registry.register failed: {exc} (SQLSTATE {exc.sqlstate})"
+                ) from None
             holder = json.loads(exc.detail)
             index = next(i for i, a in enumerate(apis) if a.port == holder["port"])
             if not choose or registration.apis[index].port:
@@ -181,8 +193,7 @@ async def put_instance(
                 ) from None
             # Chosen here, and taken meanwhile: choose again.
             continue
-        assert row is not None, "registry.register returns a row or raises"
-        return instance_from_row(row)
+        return instance_from_row(entry)
     raise AlreadyExists(
         f"apis: the ports chosen on {registration.address} were taken by other "
         f"registrations at the same moment, {_CHOICE_ATTEMPTS} times; register again"
