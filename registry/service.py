@@ -251,6 +251,7 @@ class RegistryService:
             if request.snapshot:
                 cursor = await self._send_snapshot(call, names)
             elif from_revision:
+                await self._check_not_ahead(from_revision)
                 cursor = await self._replay(call, names, from_revision)
             else:
                 cursor = self._hub.revision
@@ -259,6 +260,20 @@ class RegistryService:
             await self._stream_live(call, watcher)
         finally:
             self._hub.detach(watcher)
+
+    async def _check_not_ahead(self, from_revision: int) -> None:
+        """Refuse a revision the log has not reached: a cursor from another
+        registry, or from before its database was restored. Following it would
+        skip every event up to it in silence."""
+        if from_revision <= self._hub.revision:
+            return
+        head = await store.head_revision(self._db)
+        if from_revision > head:
+            raise OutOfRange(
+                f"from_revision: {from_revision} is ahead of the newest revision, "
+                f"{head}; the cursor belongs to another registry or to its "
+                "database before a restore: watch with a snapshot instead"
+            )
 
     async def _send_snapshot(self, call: Call, names: Sequence[str]) -> int:
         revision, instances = await store.select_instances(self._db, names=names)
@@ -301,8 +316,11 @@ class RegistryService:
                     event = await watcher.receive()
                 if idle.cancelled_caught:
                     # Idle for a whole interval: every event up to the hub's
-                    # revision that this stream follows has been sent.
-                    progress = max(sent, self._hub.revision)
+                    # revision that this stream follows has been sent, unless
+                    # one came in just now.
+                    progress = watcher.progress(max(sent, self._hub.revision))
+                    if progress is None:
+                        continue
                     await call.send(
                         pb.WatchResponse(progress=pb.Progress(revision=progress))
                     )

@@ -62,6 +62,15 @@ class Watcher:
             if self.on_end is not None:
                 self.on_end()
 
+    def progress(self, revision: int) -> int | None:
+        """What an idle stream may report as its progress, given that every
+        event up to `revision` has been offered: `revision`, or None while
+        events wait in the buffer. One can arrive just as the idle interval
+        ends; progress past it would make the client skip it as seen."""
+        if self._receive.statistics().current_buffer_used:
+            return None
+        return revision
+
     async def receive(self) -> Event | None:
         """The next event; None once the watcher has ended and its buffer is
         empty (see `ended` for why)."""

@@ -202,3 +202,17 @@ def test_backoffs_with_different_seeds_do_not_retry_in_lockstep() -> None:
 def test_backoff_refuses_bounds_out_of_order(initial: float, cap: float) -> None:
     with pytest.raises(ValueError, match="need 0 < initial <= cap"):
         Backoff(initial, cap)
+
+
+async def test_watcher_reports_no_progress_while_an_event_waits_in_its_buffer() -> None:
+    hub = Hub()
+    watcher = attached(hub, ["billing"])
+    assert watcher.progress(hub.revision) == 0
+
+    # An event offered as an idle interval ends: reporting the hub's revision
+    # now would tell the client it has seen revision 1.
+    hub.publish([event(1)])
+    assert watcher.progress(hub.revision) is None
+
+    assert (await watcher.receive()) is not None
+    assert watcher.progress(hub.revision) == 1

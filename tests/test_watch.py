@@ -160,6 +160,35 @@ async def test_watch_below_the_retained_window_is_out_of_range(
             assert (await stream.receive_event()).revision == 4
 
 
+async def test_watch_from_a_revision_the_log_has_not_reached_is_out_of_range(
+    nursery: trio.Nursery, database_url: str
+) -> None:
+    replica = await start_replica(nursery, database_url)
+    assert replica.port is not None
+    async with grpc_client(replica.port) as client:
+        for n in range(3):
+            await client.call("Register", registration("billing", f"b-{n}"))
+
+        # A cursor from before a restore of the database, say: following it
+        # would skip revisions 4 to 100 in silence once they are written.
+        async with watch_stream(
+            client.stub, pb.WatchRequest(from_revision=100)
+        ) as stream:
+            responses, error = await stream.status()
+        assert responses == []
+        assert error.code() == grpc.StatusCode.OUT_OF_RANGE
+        assert error.details().startswith(
+            "from_revision: 100 is ahead of the newest revision, 3;"
+        )
+
+        # The newest revision itself is a cursor that has seen everything.
+        async with watch_stream(
+            client.stub, pb.WatchRequest(from_revision=3)
+        ) as stream:
+            written = await client.call("Register", registration("billing", "b-9"))
+            assert (await stream.receive_event()).revision == written.revision == 4
+
+
 async def test_janitor_compacts_events_past_retention(
     database_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
