@@ -150,6 +150,13 @@ class Replica:
         self.state = State.STOPPED
         log.info("replica stopped")
 
+    def _database_reachable(self, up: bool) -> None:
+        # The notifier's connection stands for the database: while it is
+        # lost, calls fail, and load balancers that check grpc.health.v1
+        # should send them to another replica.
+        if self.state is State.READY:
+            self.health.set_serving(up)
+
     async def readiness(self) -> str | None:
         """None if the replica serves: every task started, not draining, and
         Postgres answering; else why not."""
@@ -237,7 +244,11 @@ class Replica:
             metrics=self.metrics,
         )
         notifier = Notifier(
-            db, self.hub, poll_interval=config.poll_interval, metrics=self.metrics
+            db,
+            self.hub,
+            poll_interval=config.poll_interval,
+            metrics=self.metrics,
+            on_connected=self._database_reachable,
         )
 
         async with trio.open_nursery() as nursery:
@@ -270,7 +281,7 @@ class Replica:
                 await nursery.start(self.outbox.run)
             self.port = await nursery.start(server.serve)
             self.state = State.READY
-            self.health.set_serving(True)
+            self.health.set_serving(notifier.connected)
             log.info(
                 "replica ready: gRPC on %s:%d",
                 config.host,

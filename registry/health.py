@@ -1,10 +1,11 @@
 """The standard grpc.health.v1.Health service.
 
-It answers SERVING only while the replica is ready: every task started, and
-not draining. Both the server as a whole ("") and the Registry service by
-name are known. Once draining, a Watch stream ends (OK) right after it has
-said NOT_SERVING: left open, it would hold the drain for its whole grace
-period and then be cut with UNAVAILABLE.
+It answers SERVING only while the replica is ready: every task started, its
+database reachable (the notifier's connection up), and not draining. Both
+the server as a whole ("") and the Registry service by name are known. Once
+draining, a Watch stream ends (OK) right after it has said NOT_SERVING: left
+open, it would hold the drain for its whole grace period and then be cut
+with UNAVAILABLE.
 """
 
 from __future__ import annotations

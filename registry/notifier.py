@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -47,15 +48,30 @@ class Notifier:
         ping_timeout: float = 5.0,
         page_size: int = 1000,
         metrics: Metrics | None = None,
+        on_connected: Callable[[bool], object] | None = None,
     ) -> None:
+        """`on_connected(up)` is called each time the LISTEN connection is
+        made (after catching up) or lost."""
         self._db = db
         self._hub = hub
         self._metrics = metrics
         self._poll_interval = poll_interval
         self._ping_timeout = ping_timeout
         self._page_size = page_size
-        self.connected = False
+        self._on_connected = on_connected
+        self._connected = False
         self._started = False
+
+    @property
+    def connected(self) -> bool:
+        """Whether the LISTEN connection is up and the hub caught up."""
+        return self._connected
+
+    def _set_connected(self, up: bool) -> None:
+        if up != self._connected:
+            self._connected = up
+            if self._on_connected is not None:
+                self._on_connected(up)
 
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -74,7 +90,7 @@ class Notifier:
                     )
                 else:
                     log.warning("cannot listen for events (%s); retrying", exc)
-                self.connected = False
+                self._set_connected(False)
             self._hub.set_live(False)
             await trio.sleep(backoff.next())
 
@@ -108,7 +124,7 @@ class Notifier:
             if not self._started:
                 self._hub.advance(await store.head_revision(self._db))
             await self._catch_up()
-            self.connected = True
+            self._set_connected(True)
             backoff.reset()
             log.info(
                 "listening for events after revision %d",

@@ -32,6 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import (
     TEST_CONFIG,
     WAIT,
+    TcpProxy,
     grpc_client,
     in_thread,
     registration,
@@ -732,6 +733,30 @@ async def test_health_watch_sees_not_serving_when_the_replica_drains(
             # Then it ends cleanly, so the drain does not wait out its grace.
             assert await in_thread(list, watch) == []
             await server_of(replica).wait_idle()
+
+
+async def test_health_is_not_serving_while_the_replica_has_lost_its_database(
+    nursery: trio.Nursery, database_url: str
+) -> None:
+    proxy = TcpProxy.to(database_url)
+    await nursery.start(proxy.run)
+    replica = await start_replica(nursery, proxy.url(database_url))
+    assert replica.port is not None
+    async with grpc_client(replica.port) as client:
+        watch = health_pb2_grpc.HealthStub(client.channel).Watch(
+            health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=2 * WAIT
+        )
+        with trio.fail_after(WAIT):
+            assert (await in_thread(next, watch)).status == SERVING
+
+        proxy.cut()
+        with trio.fail_after(WAIT):
+            assert (await in_thread(next, watch)).status == NOT_SERVING
+        proxy.heal()
+        with trio.fail_after(WAIT):
+            assert (await in_thread(next, watch)).status == SERVING
+        watch.cancel()
+    replica.stop()
 
 
 async def test_health_serves_only_once_every_task_is_ready(
