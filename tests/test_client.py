@@ -95,9 +95,12 @@ async def unused_endpoint() -> str:
 
 @pytest.fixture
 async def replica(nursery: trio.Nursery, database_url: str) -> Replica:
-    # Probes of due TTL checks are looked for often: a missed heartbeat
-    # would show within the test.
-    return await start_replica(nursery, database_url, probe_poll_interval=0.1)
+    # TTL checks are judged (no test here registers another kind of check,
+    # so nothing is sent a probe), and looked at often: a missed heartbeat
+    # shows within the test.
+    return await start_replica(
+        nursery, database_url, max_probes=10, probe_poll_interval=0.1
+    )
 
 
 @pytest.fixture
