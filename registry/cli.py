@@ -28,6 +28,7 @@ from . import config as configuration
 from ._convert import STATUS_FROM_PB
 from ._grpc import ServeError
 from .errors import RegistryError
+from .health_api import MAX_HISTORY
 from .v1 import registry_pb2 as pb
 
 log = logging.getLogger("registry.cli")
@@ -147,9 +148,10 @@ def _parser() -> argparse.ArgumentParser:
     watch.add_argument(
         "--from",
         dest="from_revision",
-        type=int,
+        type=_revision,
         default=0,
-        help="replay the events after this revision first",
+        help="replay the events after this revision first (default 0: only "
+        "what happens from now on)",
     )
     watch.add_argument(
         "--snapshot", action="store_true", help="print the current instances first"
@@ -234,7 +236,10 @@ def _parser() -> argparse.ArgumentParser:
     history.add_argument("name", help="the service name")
     history.add_argument("--instance", default="", help="only this instance id")
     history.add_argument(
-        "--limit", type=int, default=0, help="how many (default: the server's, 20)"
+        "--limit",
+        type=_limit,
+        default=0,
+        help=f"how many, up to {MAX_HISTORY} (default: the server's, 20)",
     )
     client_options(history)
     return parser
@@ -248,6 +253,28 @@ def _endpoints(text: str) -> list[str]:
         return client.parse_endpoints(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _revision(text: str) -> int:
+    try:
+        revision = int(text)
+    except ValueError:
+        revision = -1
+    if not 0 <= revision < 2**63:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a revision (0 or more)")
+    return revision
+
+
+def _limit(text: str) -> int:
+    try:
+        limit = int(text)
+    except ValueError:
+        limit = -1
+    if not 0 <= limit <= MAX_HISTORY:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a count from 1 to {MAX_HISTORY} (or 0: the default)"
+        )
+    return limit
 
 
 def _seconds(text: str) -> float:
@@ -365,6 +392,8 @@ def _list(args: argparse.Namespace) -> None:
         ),
     )
     _print_instances(args, response)
+    if not response.instances:
+        raise CommandError("no instance matches", EXIT_NOTHING_MATCHES)
 
 
 def _resolve(args: argparse.Namespace) -> None:
@@ -571,7 +600,14 @@ def _history(args: argparse.Namespace) -> None:
     )
     if args.json:
         print(json.dumps(_as_dict(response), indent=2))
-        return
+    else:
+        _print_transitions(response)
+    if not response.transitions:
+        whose = f"{args.name}/{args.instance}" if args.instance else repr(args.name)
+        raise CommandError(f"no status transition of {whose}", EXIT_NOTHING_MATCHES)
+
+
+def _print_transitions(response: Any) -> None:
     rows = [
         (
             t.time.ToDatetime(tzinfo=UTC).isoformat(timespec="milliseconds"),

@@ -103,8 +103,12 @@ async def test_cli_exit_codes_tell_nothing_found_from_failure_and_bad_usage(
         )
 
     no_active = await registry_cli("resolve", "shipping", target(replica))
+    none_listed = await registry_cli("list", "--name=payments", target(replica))
+    no_history = await registry_cli("history", "payments", "--json", target(replica))
     no_token = await registry_cli("deregister", "shipping", "s-1", target(replica))
     bad_timeout = await registry_cli("list", "--timeout=-1", target(replica))
+    bad_limit = await registry_cli("history", "billing", "--limit=-1", target(replica))
+    bad_from = await registry_cli("watch", "--from=1" + "0" * 20, target(replica))
 
     assert no_active.returncode == 3
     assert no_active.stderr.decode().splitlines() == [
@@ -115,7 +119,19 @@ async def test_cli_exit_codes_tell_nothing_found_from_failure_and_bad_usage(
         "registry deregister: error: the instance token is needed: --token or "
         "REGISTRY_TOKEN"
     )
-    assert bad_timeout.returncode == 2
+    assert none_listed.returncode == 3
+    assert none_listed.stdout.decode().splitlines()[-1] == (
+        "0 instance(s) at revision 4"
+    )
+    assert none_listed.stderr.decode() == "registry list: no instance matches\n"
+    assert no_history.returncode == 3
+    assert json.loads(no_history.stdout) == {}
+    assert no_history.stderr.decode() == (
+        "registry history: no status transition of 'payments'\n"
+    )
+    for usage in (bad_timeout, bad_limit, bad_from):
+        assert usage.returncode == 2
+        assert usage.stderr.decode().splitlines()[-1].startswith("registry "), usage
 
 
 async def test_cli_reports_an_unreachable_registry(replica: Replica) -> None:
