@@ -76,14 +76,21 @@ async def register_all(
 async def test_concurrent_registrations_take_contiguous_revisions(
     nursery: trio.Nursery, database_url: str
 ) -> None:
-    replica = await start_replica(nursery, database_url, pool_size=10)
-    assert replica.port is not None
+    # Two replicas, and an address per registration: nothing but the
+    # revision counter orders these writes.
+    a = await start_replica(nursery, database_url, pool_size=10)
+    b = await start_replica(nursery, database_url, pool_size=10)
+    assert a.port is not None and b.port is not None
     count = 50
 
-    async with channels(replica.port, 5) as clients:
+    async with channels(a.port, 3) as on_a, channels(b.port, 3) as on_b:
+        clients = [client for pair in zip(on_a, on_b, strict=True) for client in pair]
         [first] = await register_all(clients, [registration(instance_id="first")])
         base = first.revision
-        requests = [registration(instance_id=f"billing-{n}") for n in range(count)]
+        requests = [
+            registration(instance_id=f"billing-{n}", address=f"10.0.{n}.1")
+            for n in range(count)
+        ]
         responses = await register_all(clients, requests)
 
     revisions = [r.revision for r in responses]
