@@ -140,9 +140,11 @@ class Replica:
                     max_size=self.config.pool_size,
                     retry=Backoff(0.2, 10.0),
                 ) as db:
-                    self._db = db
                     self._starting = "applying the schema"
                     await self._apply_schema(db)
+                    # Only now: a scrape before would query tables that may
+                    # not exist yet.
+                    self._db = db
                     self._starting = "starting its tasks"
                     await self._supervise(db, task_status)
                     self._db = None
