@@ -683,10 +683,12 @@ class Registration:
         its events queue if it follows names."""
         return tuple(self.response.queues)
 
-    async def drain(self) -> int:
+    async def drain(self, *, timeout: float | None = None) -> int:
         """Announce the shutdown now: the instance is DRAINING, no longer
         resolved; it stays registered until the block ends."""
-        revision = await self._client.drain(self.name, self.instance_id, self.token)
+        revision = await self._client.drain(
+            self.name, self.instance_id, self.token, timeout=timeout
+        )
         self.drained = True
         self.status = pb.STATUS_DRAINING
         return revision
@@ -740,7 +742,7 @@ class Registration:
 
     async def _leave(self, timeout: float) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(timeout) as deadline:
-            await self._drain_and_deregister()
+            await self._drain_and_deregister(timeout)
         if deadline.cancelled_caught:
             self.leave_error = (
                 f"could not deregister {self.name}/{self.instance_id} within "
@@ -748,11 +750,13 @@ class Registration:
             )
             log.warning("%s", self.leave_error)
 
-    async def _drain_and_deregister(self) -> None:
+    async def _drain_and_deregister(self, timeout: float) -> None:
         name, instance_id = self.name, self.instance_id
         if not self.drained:
             try:
-                await self.drain()
+                # Half the time at most: a replica that hangs must leave the
+                # other half to the deregistration, which is what matters.
+                await self.drain(timeout=timeout / 2)
             except (NotFound, Unauthorized) as exc:
                 log.info("%s/%s is already gone: %s", name, instance_id, exc)
                 return
