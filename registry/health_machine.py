@@ -213,7 +213,8 @@ class DeregistrationGuard:
     Feed every outcome to record(), call update() after that (and now and
     then when there are no outcomes: the window slides with time), and ask
     `active`. update() returns a GuardChange when the guard turns on or off,
-    once each way, for the log.
+    once each way, for the log, and when it goes on holding for another
+    reason (a change that is on again, with the new reason).
     """
 
     def __init__(
@@ -274,9 +275,9 @@ class DeregistrationGuard:
         elif now < self._startup_ends:
             reason = GuardReason.STARTUP
 
-        if (reason is not None) == self.active:
-            if reason is not None:
-                self.reason = reason
+        # Still on, but for another reason now (most probes began failing
+        # during the startup hold, say), is reported as turning on again.
+        if (reason is not None) == self.active and reason in (None, self.reason):
             return None
         self.active = reason is not None
         if reason is not None:

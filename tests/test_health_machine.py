@@ -338,6 +338,34 @@ def test_guard_holds_while_most_recent_probes_fail() -> None:
     assert changes == [(20, False, 1, 10)]
 
 
+def test_guard_says_so_when_mass_failure_starts_during_the_startup_hold() -> None:
+    g = guard(startup=60, max_hold=600)
+    assert g.update(0) is not None
+
+    for t in range(10, 20):
+        g.record(t, healthy=False)
+    again = g.update(20)
+
+    assert again is not None
+    assert (again.active, again.reason, again.seconds, again.failed) == (
+        True,
+        GuardReason.MASS_FAILURE,
+        600,
+        10,
+    )
+    assert g.update(21) is None
+    # The failures age out of the window after the startup hold has ended:
+    # off, once.
+    off = g.update(61)
+    assert off is not None
+    assert (off.active, off.reason, off.seconds) == (
+        False,
+        GuardReason.MASS_FAILURE,
+        41,
+    )
+    assert g.update(62) is None
+
+
 def test_guard_needs_enough_probes_to_judge() -> None:
     g = guard(startup=0, min_probes=10)
     for t in range(9):
