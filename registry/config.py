@@ -107,7 +107,10 @@ def env_name(field: str) -> str:
 
 
 def _parser_for(kind: Any) -> Callable[[str], Any]:
-    return {int: int, float: float, Path: Path}.get(kind, str)
+    # A Path default is of a concrete subclass (PosixPath).
+    if issubclass(kind, Path):
+        return Path
+    return {int: int, float: float}.get(kind, str)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

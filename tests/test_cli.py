@@ -465,3 +465,23 @@ async def test_cli_watch_resumes_on_another_replica_when_its_replica_dies(
             while len(seen) < 4:
                 seen.append(json.loads(await anext(lines))["event"]["revision"])
     assert seen == ["1", "2", "3", "4"]
+
+
+@pytest.mark.slow
+async def test_serve_with_no_database_configured_runs_on_an_embedded_postgres(
+    tmp_path: Path,
+) -> None:
+    # The quick start's `just run`: nothing configured at all.
+    data = tmp_path / "registry-data"
+    async with replica_process(None, "--data-dir", str(data), ready_within=180) as a:
+        async with grpc_client(a.port) as client:
+            await client.call("Register", registration("billing", "b-1"))
+            listed = await client.call("List", pb.ListRequest())
+        assert [i.instance_id for i in listed.instances] == ["b-1"]
+
+        # SIGTERM stops the replica, then its Postgres, and exits 0.
+        a.terminate()
+        assert await a.wait() == 0, a.log.decode()
+    log = a.log.decode()
+    assert f"embedded postgres running: data in {data}" in log
+    assert f"embedded postgres stopped: data in {data}" in log
