@@ -222,7 +222,8 @@ class TcpProxy:
     cut() closes every connection and refuses new ones until heal(). pause()
     is a silent partition instead: connections stay open, nothing is
     forwarded either way (new ones are accepted and go nowhere) until
-    resume(). `accepted` counts the connections that came in.
+    resume(). `accepted` counts the connections that came in;
+    wait_held() returns once data waits at a pause.
     """
 
     def __init__(self, target_host: str, target_port: int) -> None:
@@ -232,6 +233,7 @@ class TcpProxy:
         self._flowing = trio.Event()
         self._flowing.set()
         self._came_in = trio.Event()
+        self._held = trio.Event()
         self.accepted = 0
         self.port = 0
 
@@ -260,6 +262,12 @@ class TcpProxy:
     def pause(self) -> None:
         if self._flowing.is_set():
             self._flowing = trio.Event()
+            self._held = trio.Event()
+
+    async def wait_held(self) -> None:
+        """Return once some data, sent either way, waits at the pause."""
+        with trio.fail_after(WAIT):
+            await self._held.wait()
 
     def resume(self) -> None:
         self._flowing.set()
@@ -307,7 +315,9 @@ class TcpProxy:
     ) -> None:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             async for chunk in source:
-                await self._flowing.wait()
+                if not self._flowing.is_set():
+                    self._held.set()
+                    await self._flowing.wait()
                 await sink.send_all(chunk)
         # One side closed: close the whole link.
         link.cancel()

@@ -185,3 +185,44 @@ async def test_compaction_keeps_the_events_the_outbox_has_not_published(
         assert await store.outbox_backlog(db) == 2
         # Without one, nothing waits for the outbox: all but the newest go.
         assert await store.compact_events(db, 0) == 1
+
+
+async def test_outbox_cut_in_the_middle_of_a_publish_loses_no_event(
+    nursery: trio.Nursery, database_url: str, amqp: Amqp, amqp_url: str
+) -> None:
+    exchange = amqp.name("registry.events")
+    proxy = TcpProxy.to(amqp_url)
+    await nursery.start(proxy.run)
+    replica = await start_replica(
+        nursery, database_url, amqp_url=proxy.url(amqp_url), events_exchange=exchange
+    )
+    async with (
+        amqp.subscribe(exchange) as events,
+        grpc_client(replica.port or 0) as client,
+    ):
+        before = await register_all(
+            [client], [registration("billing", f"b-{i}") for i in range(5)]
+        )
+        ids = await message_ids_until(events, max(before))
+
+        # A silent partition while a batch goes out: the publishes leave the
+        # registry, and neither they nor their confirms get through. Then the
+        # connection drops with the batch unconfirmed.
+        proxy.pause()
+        burst = await register_all(
+            [client], [registration("orders", f"o-{i}") for i in range(50)]
+        )
+        await proxy.wait_held()
+        with logged("registry.outbox", "cannot publish events") as failed:
+            proxy.cut()
+            with trio.fail_after(WAIT):
+                await failed.wait()
+        assert replica.outbox is not None and replica.outbox.backlog >= 1
+
+        proxy.resume()
+        proxy.heal()
+        ids += await message_ids_until(events, max(burst))
+
+    # Not one event lost, every one in revision order; a repeat is allowed.
+    assert list(dict.fromkeys(ids)) == sorted(before + burst)
+    replica.stop()
