@@ -13,7 +13,15 @@ import pytest
 import trio
 import trio_asyncio
 
-from harness import WAIT, grpc_client, registration, start_replica, watch_stream
+from harness import (
+    WAIT,
+    TcpProxy,
+    grpc_client,
+    logged,
+    registration,
+    start_replica,
+    watch_stream,
+)
 from registry import db as dbmod
 from registry.db import Connection, Database
 from registry.notifier import APPLICATION_NAME, CHANNEL
@@ -133,3 +141,39 @@ async def test_notifier_poll_finds_events_whose_notify_was_lost(
                 assert await notified.receive() == loud.revision == quiet + 1
         finally:
             await trio_asyncio.aio_as_trio(listener.close)()
+
+
+async def test_notifier_notices_a_silent_partition_by_its_deadline_query(
+    nursery: trio.Nursery, database_url: str
+) -> None:
+    """A partition that closes nothing (no RST, no FIN) shows only as the
+    periodic query going unanswered; the notifier then reconnects and reads
+    what was written meanwhile."""
+    proxy = TcpProxy.to(database_url)
+    await nursery.start(proxy.run)
+    replica = await start_replica(nursery, proxy.url(database_url), poll_interval=0.2)
+    assert replica.port is not None
+
+    async with (
+        grpc_client(replica.port) as client,
+        watch_stream(client.stub, pb.WatchRequest(snapshot=True)) as stream,
+        trio_asyncio.open_loop(),
+        Database.open(database_url) as db,
+    ):
+        assert await stream.snapshot() == ([], 0)
+        with logged("registry.notifier", "lost the database while listening") as lost:
+            proxy.pause()
+            written = [
+                await db.fetchval(PUT_INSTANCE, "billing", f"sql-{n}") for n in range(2)
+            ]
+            with trio.fail_after(WAIT):
+                await lost.wait()
+        proxy.resume()
+
+        # The partition lasted past the progress interval: skip progress.
+        seen: list[int] = []
+        while len(seen) < len(written):
+            response = await stream.receive()
+            if response.WhichOneof("kind") == "event":
+                seen.append(response.event.revision)
+    assert seen == written == [1, 2]
