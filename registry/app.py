@@ -110,6 +110,8 @@ class Replica:
         # The RabbitMQ publisher, once run() has made it (with a broker only).
         self.outbox: Outbox | None = None
         self._stop = trio.Event()
+        # The trio-asyncio loop asyncpg and aio-pika run on, while running.
+        self.asyncio_loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def deregistration_guard_active(self) -> bool:
@@ -130,6 +132,7 @@ class Replica:
         self.state = State.STARTING
         async with trio_asyncio.open_loop() as loop:
             loop.set_exception_handler(_log_asyncio_error)
+            self.asyncio_loop = loop
             async with trio.open_nursery() as ops:
                 self._starting = "starting the ops endpoint"
                 await ops.start(self.ops.serve)
