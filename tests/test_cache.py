@@ -120,7 +120,10 @@ async def test_resolve_through_the_cache_reads_own_writes_and_other_replicas_eve
     b = await start_replica(nursery, database_url)
     assert a.port is not None and b.port is not None
     async with grpc_client(a.port) as on_a, grpc_client(b.port) as on_b:
-        await on_a.call("Register", registration("billing", "b-1"))
+        registered = await on_a.call("Register", registration("billing", "b-1"))
+        # Once A has its event: the event would drop an answer filled before.
+        with trio.fail_after(WAIT):
+            await a.hub.wait_for(registered.revision)
         first = await on_a.call("Resolve", pb.ResolveRequest(name="billing"))
         assert instance_ids(first) == ["b-1"]
         # Answered once from the database, then held.
