@@ -352,7 +352,9 @@ async def compact_events(
 
     The newest event is always kept, so the log never forgets the head; with
     `keep_unpublished` (a broker is configured), so is every event the outbox
-    has not published yet.
+    has not published yet. So it is, too, once any replica has published:
+    a replica run without a broker must not drop what the others have still
+    to publish.
     """
 
     async def compact(conn: Connection) -> int:
@@ -361,7 +363,9 @@ async def compact_events(
             SELECT max(revision) FROM registry.events
             WHERE created_at < now() - make_interval(secs => $1)
               AND revision < (SELECT revision FROM registry.revision)
-              AND (NOT $2 OR revision <= (SELECT published FROM registry.outbox))
+              AND (NOT ($2 OR (SELECT published_at IS NOT NULL
+                                FROM registry.outbox))
+                   OR revision <= (SELECT published FROM registry.outbox))
             """,
             retention_seconds,
             keep_unpublished,

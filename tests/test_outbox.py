@@ -177,14 +177,26 @@ async def test_compaction_keeps_the_events_the_outbox_has_not_published(
             await store.put_instance(
                 db, Registration("billing", f"b-{i}", "10.0.0.1"), Status.ACTIVE, b"h"
             )
-        await db.fetchval("UPDATE registry.outbox SET published = 2")
+        # A registry that never had a broker: nothing waits for the outbox,
+        # all but the newest go.
+        assert await store.compact_events(db, 0) == 3
 
-        # With a broker configured: up to what is published, not beyond.
-        assert await store.compact_events(db, 0, keep_unpublished=True) == 2
+        for i in range(4, 8):
+            await store.put_instance(
+                db, Registration("billing", f"b-{i}", "10.0.0.1"), Status.ACTIVE, b"h"
+            )
+        # Published up to 6, as a replica with a broker does.
+        await db.fetchval(
+            "UPDATE registry.outbox SET published = 6, published_at = now()"
+        )
+
+        # With a broker configured: up to what is published (4 to 6), not
+        # beyond.
+        assert await store.compact_events(db, 0, keep_unpublished=True) == 3
         assert await store.compact_events(db, 0, keep_unpublished=True) == 0
         assert await store.outbox_backlog(db) == 2
-        # Without one, nothing waits for the outbox: all but the newest go.
-        assert await store.compact_events(db, 0) == 1
+        # So too on a replica without one: another replica still publishes.
+        assert await store.compact_events(db, 0) == 0
 
 
 async def test_outbox_cut_in_the_middle_of_a_publish_loses_no_event(
