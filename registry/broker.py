@@ -59,13 +59,20 @@ _REFUSALS = (
 )
 
 
-def _raise_if_lost() -> None:
+def _lost() -> ConnectionError | None:
     """Called on CancelledError: when aiormq loses its connection it cancels
     the calls in flight, which is a lost broker, not a cancellation of this
     task (that one shows in the task's cancelling())."""
     task = asyncio.current_task()
     if task is not None and not task.cancelling():
-        raise ConnectionError("the broker connection closed during the call")
+        return ConnectionError("the broker connection closed during the call")
+    return None
+
+
+def _raise_if_lost() -> None:
+    lost = _lost()
+    if lost is not None:
+        raise lost
 
 
 class _Refused(Exception):
@@ -266,8 +273,12 @@ class Broker:
         try:
             target = await self._publishing_exchange(exchange)
         except asyncio.CancelledError:
-            _raise_if_lost()
-            raise
+            # An outcome, not an exception: raised, it would pass for the
+            # database's (this runs inside the outbox's transaction).
+            lost = _lost()
+            if lost is None:
+                raise
+            return PublishOutcome(0, 0, lost)
         except Exception as exc:
             return PublishOutcome(0, 0, exc)
         results = await asyncio.gather(
