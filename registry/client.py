@@ -399,6 +399,15 @@ class Client:
         )
         return response
 
+    async def head_revision(self, *, timeout: float | None = None) -> int:
+        """The registry's newest revision (at least this client's own last
+        write's), without reading any instance."""
+        request = pb.ListRequest(revision_only=True, min_revision=self._written)
+        response: pb.ListResponse = await self._unary(
+            "List", request, pb.ListResponse, timeout
+        )
+        return int(response.revision)
+
     async def history(
         self,
         name: str,
@@ -467,12 +476,7 @@ class Client:
             if not from_revision and not snapshot:
                 # "From now on" is pinned to a revision, read once, so that
                 # a resume cannot skip what happened meanwhile.
-                # TODO: with no names this lists every instance to learn one
-                # number, and a fleet whose list passes the message size
-                # limit cannot start such a watch; the API needs a call that
-                # answers the head revision alone.
-                name = watch.names[0] if watch.names else ""
-                watch.revision = (await self.list(name=name)).revision
+                watch.revision = await self.head_revision()
             await watch._start()
             yield watch
         finally:

@@ -234,6 +234,12 @@ class RegistryService:
             )
         if request.version:
             validate_version("version", request.version)
+        if request.revision_only:
+            min_revision = validate_min_revision("min_revision", request.min_revision)
+            # As _select: a revision committed by any replica is there at once.
+            while (head := await store.head_revision(self._db)) < min_revision:
+                await self._wait_for_revision(min_revision)
+            return pb.ListResponse(revision=head)
         revision, instances = await self._select(
             request.min_revision, names=names, status=status, version=request.version
         )

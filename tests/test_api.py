@@ -680,6 +680,23 @@ async def test_list_filters_by_name_status_and_version(
         assert response.revision == head, filters
 
 
+async def test_list_revision_only_answers_the_head_without_instances(
+    client: Client, sql: Sql
+) -> None:
+    await client.call("Register", registration("billing", "b1"))
+    # A write the replica's notifier may not have seen yet.
+    head = await sql.fetchval(
+        "UPDATE registry.instances SET status = 'inactive'"
+        " WHERE instance_id = 'b1' RETURNING revision"
+    )
+
+    response = await client.call(
+        "List", pb.ListRequest(revision_only=True, min_revision=head)
+    )
+
+    assert (list(response.instances), response.revision) == ([], head)
+
+
 # --- reads with min_revision -------------------------------------------------
 
 READS = [("Resolve", pb.ResolveRequest), ("List", pb.ListRequest)]

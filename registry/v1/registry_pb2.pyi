@@ -329,16 +329,18 @@ class ResolveResponse(_message.Message):
     def __init__(self, instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class ListRequest(_message.Message):
-    __slots__ = ("name", "status", "version", "min_revision")
+    __slots__ = ("name", "status", "version", "min_revision", "revision_only")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MIN_REVISION_FIELD_NUMBER: _ClassVar[int]
+    REVISION_ONLY_FIELD_NUMBER: _ClassVar[int]
     name: str
     status: Status
     version: str
     min_revision: int
-    def __init__(self, name: _Optional[str] = ..., status: _Optional[_Union[Status, str]] = ..., version: _Optional[str] = ..., min_revision: _Optional[int] = ...) -> None: ...
+    revision_only: bool
+    def __init__(self, name: _Optional[str] = ..., status: _Optional[_Union[Status, str]] = ..., version: _Optional[str] = ..., min_revision: _Optional[int] = ..., revision_only: _Optional[bool] = ...) -> None: ...
 
 class ListResponse(_message.Message):
     __slots__ = ("instances", "revision")
