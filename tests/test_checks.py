@@ -298,6 +298,31 @@ async def test_kubernetes_check_over_https_trusts_the_clusters_ca_only(
     assert [hit.path for hit in api.http.hits] == ["/api/v1/namespaces/shop/pods/web-0"]
 
 
+async def test_kubernetes_check_in_a_pod_uses_its_service_account(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What Kubernetes mounts into every pod, and the variables it sets.
+    cluster_ca = trustme.CA()
+    api = KubernetesApi(tls_server(cluster_ca))
+    await api.serve(nursery)
+    api.pods[("shop", "web-0")] = True
+    account = tmp_path / "serviceaccount"
+    account.mkdir()
+    (account / "token").write_text("pod-token")
+    (account / "namespace").write_text("registry")
+    cluster_ca.cert_pem.write_to_path(str(account / "ca.crt"))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(api.port))
+    check = HealthCheck(kind=CheckKind.KUBERNETES, namespace="shop", pod="web-0")
+
+    async with Checker.open(service_account=str(account)) as checker:
+        result = await checker.probe(check, Target("10.1.2.3", ()), TIME_LIMIT)
+
+    assert (result.healthy, result.code, result.error) == (True, 200, "")
+    [hit] = api.http.hits
+    assert hit.headers["authorization"] == "Bearer pod-token"
+
+
 async def test_kubernetes_check_refuses_a_user_whose_token_comes_from_exec(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
