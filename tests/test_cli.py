@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -321,6 +322,58 @@ async def test_cli_register_from_a_toml_file_prints_what_it_was_given(
                 pass
             assert await process.wait() == 0
     assert line == "deregistered payments/p-2 at revision 5"
+
+
+async def test_cli_register_from_a_json_file_in_the_apis_json_form(
+    replica: Replica, tmp_path: Path
+) -> None:
+    file = tmp_path / "payments.json"
+    file.write_text(
+        json.dumps(
+            {
+                "name": "payments",
+                "instanceId": "p-3",
+                "address": "10.0.0.11",
+                "apis": [{"name": "grpc", "port": 0}],
+                "check": {"ttl": {"ttl": "10s"}},
+            }
+        )
+    )
+    async with running("register", f"--file={file}", target(replica)) as (
+        process,
+        lines,
+    ):
+        with trio.fail_after(WAIT):
+            first = await anext(lines)
+            ports = [await anext(lines) for _ in range(3)][-1]
+        assert first == "registered payments/p-3 generation 1 at revision 3 (pending)"
+        assert ports.split()[0] == "ports"
+        assert ports.split()[1].startswith("grpc=")
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(WAIT):
+            assert await process.wait() == 0
+    assert await instance_ids(replica, "payments") == []
+
+
+async def test_cli_watch_prints_a_readable_line_per_event(replica: Replica) -> None:
+    assert replica.port is not None
+    async with running("watch", "billing", "--snapshot", target(replica)) as (
+        process,
+        lines,
+    ):
+        with trio.fail_after(WAIT):
+            snapshot = [await anext(lines), await anext(lines)]
+            async with grpc_client(replica.port) as client:
+                await client.call("Register", registration("billing", "b-2"))
+            event = await anext(lines)
+        process.send_signal(signal.SIGINT)
+    assert snapshot == ["snapshot  billing/b-1  active", "snapshot taken at revision 2"]
+    # Time, revision, type, instance and status.
+    assert re.fullmatch(
+        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00 +3  registered +"
+        r"billing/b-2  active",
+        event,
+    ), event
 
 
 async def test_cli_register_refuses_a_bad_request_with_its_reason(
