@@ -4,6 +4,7 @@
     ├─ ops endpoint (HTTP)           /metrics, /healthz, /readyz
     └─ supervisor nursery
        ├─ notifier                   LISTEN -> fan-out to local watchers
+       ├─ progress ticker            progress for idle watch streams
        ├─ committer                  Register calls stored in batches (group commit)
        ├─ janitor                    event log and history compaction
        ├─ probe scheduler            claims due health probes, runs, records them
@@ -50,7 +51,7 @@ from .probes import Prober, ProbeSettings
 from .reflection import Reflection
 from .service import SERVICE_NAME, RegistryService, WatchSettings
 from .validation import _validate_exchange
-from .watch import Hub
+from .watch import Hub, tick_every
 
 log = logging.getLogger("registry.app")
 
@@ -230,9 +231,7 @@ class Replica:
         service = RegistryService(
             db,
             self.hub,
-            WatchSettings(
-                buffer=config.watch_buffer, progress_interval=config.progress_interval
-            ),
+            WatchSettings(buffer=config.watch_buffer),
             probe_defaults=probe_settings.defaults,
             ports=ports,
             broker=broker,
@@ -258,6 +257,7 @@ class Replica:
 
         async with trio.open_nursery() as nursery:
             await nursery.start(notifier.run)
+            await nursery.start(tick_every, self.hub, config.progress_interval)
             # Before the server, and so cancelled after it has drained.
             await nursery.start(committer.run)
             await nursery.start(

@@ -67,7 +67,8 @@ _HELP = {
     "events (0 turns the cache off)",
     "pool_size": "Postgres connections per replica",
     "watch_buffer": "events a watch stream may hold unsent before it is ended",
-    "progress_interval": "seconds between progress events on an idle watch stream",
+    "progress_interval": "seconds of idleness after which a watch stream gets a "
+    "progress event (within one more interval)",
     "poll_interval": "seconds between the notifier's checks of its connection",
     "event_retention": "seconds events stay in the log before compaction",
     "compact_interval": "seconds between compactions of the event log",

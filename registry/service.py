@@ -40,7 +40,7 @@ from .validation import (
     validate_registration,
     validate_version,
 )
-from .watch import Ended, Hub, Watcher
+from .watch import Ended, Hub, Progress, Watcher
 
 log = logging.getLogger("registry.service")
 
@@ -51,8 +51,6 @@ SERVICE_NAME = "registry.v1.Registry"
 class WatchSettings:
     # Events a stream may hold unsent before it is ended as too slow.
     buffer: int = 1024
-    # An idle stream gets a progress event this often.
-    progress_interval: float = 5.0
     # Events read from the log per query while replaying.
     page_size: int = 500
     # How long a read with min_revision waits when the call has no deadline.
@@ -316,25 +314,16 @@ class RegistryService:
             # A stream stuck sending to a slow client must still learn that
             # it has ended.
             watcher.on_end = ended.cancel
-            while True:
-                event = None
-                with trio.move_on_after(self._settings.progress_interval) as idle:
-                    event = await watcher.receive()
-                if idle.cancelled_caught:
-                    # Idle for a whole interval: every event up to the hub's
-                    # revision that this stream follows has been sent, unless
-                    # one came in just now.
-                    progress = watcher.progress(max(sent, self._hub.revision))
-                    if progress is None:
-                        continue
+            while (item := await watcher.receive()) is not None:
+                if isinstance(item, Progress):
+                    # The hub's ticker found the stream idle: every event
+                    # up to this revision that it follows has been sent.
                     await call.send(
-                        pb.WatchResponse(progress=pb.Progress(revision=progress))
+                        pb.WatchResponse(progress=pb.Progress(revision=item.revision))
                     )
                     continue
-                if event is None:
-                    break
-                await call.send(self._event_responses.of(event))
-                sent = event.revision
+                await call.send(self._event_responses.of(item))
+                sent = item.revision
         if watcher.ended is Ended.BEHIND:
             raise ResourceExhausted(
                 f"the watcher fell behind the events at revision {sent}; "

@@ -9,14 +9,22 @@ Each watcher has a bounded buffer. A watcher whose buffer is full when an
 event arrives is ended (Ended.BEHIND) instead of growing the replica's memory;
 its client resumes from the last revision it received.
 
+Idle streams learn the current revision from Progress items, which tick()
+queues behind everything offered before: a stream that sends what it
+receives, in order, never reports progress past an event it has not sent.
+One ticker for the whole hub, rather than a timeout on every stream's wait,
+keeps the per-event cost of a stream to a channel receive.
+
 The hub also keeps the replica's Resolve cache current (registry.cache): each
 event it publishes drops its name's answer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import trio
 
@@ -33,6 +41,14 @@ class Ended(enum.Enum):
     COMPACTED = "compacted"
 
 
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """Every event up to `revision` that the watcher follows was offered to
+    it before this item."""
+
+    revision: int
+
+
 class Watcher:
     """One watch stream's view of the hub."""
 
@@ -43,7 +59,10 @@ class Watcher:
         self.cursor = 0
         # Called once when the watcher ends, to wake a stream blocked sending.
         self.on_end: Callable[[], object] | None = None
-        self._send, self._receive = trio.open_memory_channel[Event](buffer)
+        # Whether anything was offered since the last tick (or since the
+        # watcher was made): only a stream idle for a whole tick gets progress.
+        self._busy = True
+        self._send, self._receive = trio.open_memory_channel[Event | Progress](buffer)
 
     def offer(self, event: Event) -> None:
         if event.revision <= self.cursor or self.ended is not None:
@@ -54,6 +73,19 @@ class Watcher:
             self.end(Ended.BEHIND)
             return
         self.cursor = event.revision
+        self._busy = True
+
+    def tick(self, revision: int) -> None:
+        """Queue progress at `revision` (every event up to it has been
+        offered), if nothing was offered since the last tick and nothing
+        waits unsent."""
+        busy, self._busy = self._busy, False
+        if busy or self.ended is not None:
+            return
+        if self._receive.statistics().current_buffer_used:
+            return
+        with contextlib.suppress(trio.WouldBlock):
+            self._send.send_nowait(Progress(max(revision, self.cursor)))
 
     def end(self, reason: Ended) -> None:
         if self.ended is None:
@@ -62,18 +94,9 @@ class Watcher:
             if self.on_end is not None:
                 self.on_end()
 
-    def progress(self, revision: int) -> int | None:
-        """What an idle stream may report as its progress, given that every
-        event up to `revision` has been offered: `revision`, or None while
-        events wait in the buffer. One can arrive just as the idle interval
-        ends; progress past it would make the client skip it as seen."""
-        if self._receive.statistics().current_buffer_used:
-            return None
-        return revision
-
-    async def receive(self) -> Event | None:
-        """The next event; None once the watcher has ended and its buffer is
-        empty (see `ended` for why)."""
+    async def receive(self) -> Event | Progress | None:
+        """The next event or progress; None once the watcher has ended and
+        its buffer is empty (see `ended` for why)."""
         try:
             return await self._receive.receive()
         except trio.EndOfChannel:
@@ -146,6 +169,11 @@ class Hub:
         listens and has caught up); the cache is used only while it does."""
         self.cache.set_live(live)
 
+    def tick(self) -> None:
+        """Give every watcher idle since the last tick the current revision."""
+        for watcher in self._attached:
+            watcher.tick(self.revision)
+
     def end_all(self, reason: Ended) -> None:
         for watcher in self._attached:
             watcher.end(reason)
@@ -166,3 +194,17 @@ class Hub:
     def _wake(self) -> None:
         self._advanced.set()
         self._advanced = trio.Event()
+
+
+async def tick_every(
+    hub: Hub,
+    interval: float,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Tick `hub` every `interval` seconds, forever: a stream idle for a
+    whole interval gets a progress item within the next."""
+    task_status.started()
+    while True:
+        await trio.sleep(interval)
+        hub.tick()

@@ -11,7 +11,7 @@ import trio.testing
 
 from registry.backoff import Backoff
 from registry.model import Event, EventType, Instance, Status
-from registry.watch import Ended, Hub, Watcher
+from registry.watch import Ended, Hub, Progress, Watcher
 
 _TIME = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -204,15 +204,35 @@ def test_backoff_refuses_bounds_out_of_order(initial: float, cap: float) -> None
         Backoff(initial, cap)
 
 
-async def test_watcher_reports_no_progress_while_an_event_waits_in_its_buffer() -> None:
+async def test_hub_ticks_progress_only_to_watchers_idle_for_a_whole_tick() -> None:
+    hub = Hub()
+    billing = attached(hub, ["billing"])
+    orders = attached(hub, ["orders"])
+
+    # Attached just now: not idle for a whole tick yet.
+    hub.tick()
+    hub.publish([event(1, "billing")])
+    hub.tick()
+    assert await billing.receive() == event(1, "billing")
+    assert await orders.receive() == Progress(1)
+
+    # Idle since: progress at the hub's revision, once per tick.
+    hub.publish([event(2, "orders")])
+    hub.tick()
+    assert await billing.receive() == Progress(2)
+    assert await orders.receive() == event(2, "orders")
+
+
+async def test_watcher_gets_no_progress_past_an_event_it_has_not_taken() -> None:
     hub = Hub()
     watcher = attached(hub, ["billing"])
-    assert watcher.progress(hub.revision) == 0
-
-    # An event offered as an idle interval ends: reporting the hub's revision
-    # now would tell the client it has seen revision 1.
+    hub.tick()
     hub.publish([event(1)])
-    assert watcher.progress(hub.revision) is None
+    hub.tick()
 
-    assert (await watcher.receive()) is not None
-    assert watcher.progress(hub.revision) == 1
+    # The event offered as the tick came is still waiting: no progress may
+    # overtake it, at this tick or the next.
+    hub.tick()
+    assert await watcher.receive() == event(1)
+    hub.tick()
+    assert await watcher.receive() == Progress(1)
