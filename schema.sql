@@ -365,7 +365,12 @@ DECLARE
     holder registry.ports;
     stored registry.instances;
 BEGIN
-    -- The key space is "port" in ASCII; the second key is the address's.
+    -- The instance's turn, then its address's: advisory locks whose key
+    -- spaces are "inst" and "port" in ASCII (see registry.register_many for
+    -- the order every writer keeps). The instance's turn stops another
+    -- registration from creating its row while a batch holds it.
+    PERFORM pg_advisory_xact_lock(1768846196,
+        hashtext(p_name || '/' || p_instance_id));
     PERFORM pg_advisory_xact_lock(1886351988, hashtext(p_address_key));
     PERFORM 1 FROM registry.instances
     WHERE name = p_name AND instance_id = p_instance_id
@@ -406,12 +411,16 @@ $$;
 -- their p_ prefix (token_hash in hex). One row comes back per item, in
 -- order: the stored entry (without its token hash), or the item's error.
 --
--- Every lock the items will need is taken first, in one order shared by all
--- batches (the addresses by their lock key, then the existing instance rows,
--- then the revision counter), so that two batches, or a batch and a
--- single-row write, never wait on each other in a cycle. Each item then
--- runs in a subtransaction of its own: one that is refused (a port held)
--- is undone alone, and the others stand.
+-- Every lock the items will need is taken first, in one order that every
+-- writer keeps: the instances' turns (advisory locks, by key), the
+-- addresses' turns (likewise), the instance rows (by name and instance id),
+-- then the revision counter. A single-row write (heartbeat, drain, probe
+-- result, deregistration) takes one instance row, then the counter; and
+-- while a batch holds an instance's turn, no other registration can create
+-- that instance's row for someone to lock. So two batches, or a batch and
+-- any other write, never wait on each other in a cycle. Each item then runs
+-- in a subtransaction of its own: one that is refused (a port held) is
+-- undone alone, and the others stand.
 CREATE OR REPLACE FUNCTION registry.register_many(p_items jsonb)
 RETURNS TABLE (entry jsonb, error_state text, error_message text,
                error_detail text)
@@ -419,11 +428,19 @@ LANGUAGE plpgsql AS $$
 DECLARE
     item jsonb;
     stored registry.instances;
+    lock_space integer;
+    lock_key integer;
 BEGIN
-    PERFORM pg_advisory_xact_lock(1886351988, key)
-    FROM (SELECT DISTINCT hashtext(i->>'address_key') AS key
-          FROM jsonb_array_elements(p_items) AS i) AS keys
-    ORDER BY key;
+    FOR lock_space, lock_key IN
+        SELECT 1768846196, hashtext((i->>'name') || '/' || (i->>'instance_id'))
+        FROM jsonb_array_elements(p_items) AS i
+        UNION
+        SELECT 1886351988, hashtext(i->>'address_key')
+        FROM jsonb_array_elements(p_items) AS i
+        ORDER BY 1, 2
+    LOOP
+        PERFORM pg_advisory_xact_lock(lock_space, lock_key);
+    END LOOP;
     PERFORM 1 FROM registry.instances
     WHERE (name, instance_id) IN (
         SELECT i->>'name', i->>'instance_id' FROM jsonb_array_elements(p_items) AS i)

@@ -142,12 +142,19 @@ async def seconds_to_next_due(db: Database) -> float | None:
 
 
 async def release_leases(db: Database, owner_prefix: str) -> int:
-    """Give back every lease whose owner starts with `owner_prefix`."""
+    """Give back every lease whose owner starts with `owner_prefix`, but
+    for rows another transaction holds (a registration replacing the probe,
+    say): waiting for those could deadlock, and their leases expire anyway."""
     status = await db.fetchval(
         """
         WITH released AS (
             UPDATE registry.probes SET lease_owner = NULL, lease_expires = NULL
-            WHERE starts_with(lease_owner, $1) RETURNING 1
+            WHERE (name, instance_id) IN (
+                SELECT name, instance_id FROM registry.probes
+                WHERE starts_with(lease_owner, $1)
+                FOR UPDATE SKIP LOCKED
+            )
+            RETURNING 1
         ) SELECT count(*) FROM released
         """,
         owner_prefix,

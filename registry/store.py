@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
@@ -13,7 +14,7 @@ from typing import Any
 import asyncpg
 
 from .db import Connection, Database
-from .errors import AlreadyExists
+from .errors import AlreadyExists, Unavailable
 from .group_commit import Committer, Refused, register_many
 from .hostports import free_port_check
 from .model import (
@@ -38,6 +39,8 @@ from .ports import (
     held_error,
 )
 
+log = logging.getLogger("registry.store")
+
 _INSTANCE_COLUMNS = """
     name, instance_id, generation, status, address, version, description, apis,
     brokers, metadata, health_check, registered_at, updated_at, revision,
@@ -48,6 +51,8 @@ _INSTANCE_COLUMNS = """
 # registry.register's SQLSTATE for a port another instance holds.
 _PORT_HELD = "RG001"
 _UNIQUE_VIOLATION = "23505"
+# A deadlock or a serialization failure: undone, and worth trying again.
+_TRY_AGAIN = ("40P01", "40001")
 # Rounds of choosing ports from the local range before a registration gives
 # up: each lost one means another registration took a chosen port meanwhile.
 _CHOICE_ATTEMPTS = 5
@@ -132,6 +137,7 @@ async def put_instance(
         api.port == 0 for api in registration.apis
     )
     is_free = free_port_check(address) if choose else None
+    conflict: Refused | None = None
     for _ in range(_CHOICE_ATTEMPTS):
         held: dict[int, Holder] = {}
         previous: dict[str, int] = {}
@@ -177,6 +183,18 @@ async def put_instance(
                     f"apis: a port of this registration on {registration.address} "
                     "was taken at the same moment by another writer; register again"
                 ) from None
+            if exc.sqlstate in _TRY_AGAIN:
+                # The batch's locks are taken in one order that every writer
+                # keeps, so this is not expected; if it comes, the write was
+                # undone alone and goes into the next batch.
+                log.warning(
+                    "registration of %s/%s hit %s; trying again",
+                    registration.name,
+                    registration.instance_id,
+                    exc,
+                )
+                conflict = exc
+                continue
             if exc.sqlstate != _PORT_HELD or exc.detail is None:
                 raise RuntimeError(
                     f"registry.register failed: {exc} (SQLSTATE {exc.sqlstate})"
@@ -192,8 +210,15 @@ async def put_instance(
                     Holder(holder["name"], holder["instance_id"], holder["api"]),
                 ) from None
             # Chosen here, and taken meanwhile: choose again.
+            conflict = None
             continue
         return instance_from_row(entry)
+    if conflict is not None:
+        raise Unavailable(
+            f"registration of {registration.name}/{registration.instance_id} "
+            f"failed {_CHOICE_ATTEMPTS} times on concurrent writes ({conflict}); "
+            "retry shortly"
+        )
     raise AlreadyExists(
         f"apis: the ports chosen on {registration.address} were taken by other "
         f"registrations at the same moment, {_CHOICE_ATTEMPTS} times; register again"
@@ -346,15 +371,20 @@ async def instance_counts(db: Database) -> tuple[int, dict[str, int]]:
 
 
 async def compact_events(
-    db: Database, retention_seconds: float, *, keep_unpublished: bool = False
+    db: Database,
+    retention_seconds: float,
+    *,
+    keep_unpublished: bool = False,
+    publisher_gone_after: float = 24 * 3600.0,
 ) -> int:
     """Drop events older than the retention window; returns how many.
 
     The newest event is always kept, so the log never forgets the head; with
     `keep_unpublished` (a broker is configured), so is every event the outbox
-    has not published yet. So it is, too, once any replica has published:
-    a replica run without a broker must not drop what the others have still
-    to publish.
+    has not published yet. So it is, too, while any replica has published
+    within `publisher_gone_after` seconds: a replica run without a broker must
+    not drop what the others have still to publish. A registry whose broker
+    was taken away compacts as usual once that time has passed.
     """
 
     async def compact(conn: Connection) -> int:
@@ -363,12 +393,15 @@ async def compact_events(
             SELECT max(revision) FROM registry.events
             WHERE created_at < now() - make_interval(secs => $1)
               AND revision < (SELECT revision FROM registry.revision)
-              AND (NOT ($2 OR (SELECT published_at IS NOT NULL
+              AND (NOT ($2 OR (SELECT coalesce(
+                                    published_at > now() - make_interval(secs => $3),
+                                    false)
                                 FROM registry.outbox))
                    OR revision <= (SELECT published FROM registry.outbox))
             """,
             retention_seconds,
             keep_unpublished,
+            publisher_gone_after,
         )
         if upto is None:
             return 0
