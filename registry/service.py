@@ -208,17 +208,20 @@ class RegistryService:
         min_revision = validate_min_revision("min_revision", request.min_revision)
         cache = self._hub.cache
         answer = cache.get(name) if min_revision <= self._hub.revision else None
-        if answer is None:
+        if answer is not None:
+            # Still cached, so current at the hub's revision.
+            revision = max(answer.read_at, self._hub.revision)
+        else:
             fill = cache.begin(name)
             read_at, instances = await self._select(min_revision, names=[name])
             answer = _resolve_answer(name, instances, read_at)
             if fill is not None:
                 cache.put(fill, answer)
+            # Read just now: the hub may have gone past it meanwhile.
+            revision = read_at
         if answer.error is not None:
             kind, message = answer.error
             raise kind(message)
-        # An answer still cached is current at the hub's revision.
-        revision = max(answer.read_at, self._hub.revision)
         return answer.body + pb.ResolveResponse(revision=revision).SerializeToString()
 
     async def list(self, request: pb.ListRequest, call: Call) -> pb.ListResponse:
