@@ -197,6 +197,11 @@ async def test_compaction_keeps_the_events_the_outbox_has_not_published(
         assert await store.outbox_backlog(db) == 2
         # So too on a replica without one: another replica still publishes.
         assert await store.compact_events(db, 0) == 0
+        # Until nothing has been published for a while: the broker is gone.
+        await db.fetchval(
+            "UPDATE registry.outbox SET published_at = now() - interval '2 days'"
+        )
+        assert await store.compact_events(db, 0, publisher_gone_after=86400) == 1
 
 
 async def test_outbox_cut_in_the_middle_of_a_publish_loses_no_event(
