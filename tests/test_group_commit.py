@@ -3,18 +3,22 @@ each keeps its own outcome, and batches from two replicas never deadlock."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 import trio_asyncio
+from trio_asyncio import aio_as_trio
 
 from harness import WAIT
+from registry import db as dbmod
 from registry import store
 from registry.db import Database
 from registry.errors import AlreadyExists
-from registry.group_commit import Committer
+from registry.group_commit import Committer, register_many
 from registry.model import Api, Instance, Registration, Status
 
 
@@ -145,3 +149,113 @@ async def test_batches_of_two_replicas_over_the_same_entries_never_deadlock(
     assert sorted(row["revision"] for row in events) == list(range(1, total + 1))
     # Some batches did hold several writes, or this tested nothing.
     assert sum(c.writes for c in committers) > sum(c.batches for c in committers)
+
+
+async def waiting_for_a_lock(db: Database, pid: int) -> None:
+    """Return once backend `pid` waits for a lock (polled: Postgres sends no
+    signal for it)."""
+    query = "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1"
+    with trio.fail_after(WAIT):
+        while True:
+            if await db.fetchval(query, pid):
+                return
+            await trio.sleep(0.01)
+
+
+def item(instance_id: str, address: str, name: str = "svc") -> dict[str, object]:
+    """registry.register_many's item for a plain registration."""
+    return {
+        "name": name,
+        "instance_id": instance_id,
+        "status": "active",
+        "address": address,
+        "address_key": address,
+        "version": "",
+        "description": "",
+        "apis": [],
+        "brokers": [],
+        "metadata": {},
+        "health_check": None,
+        "token_hash": "00",
+        "follows": [],
+        "events_queue": "",
+    }
+
+
+async def test_batch_waits_for_an_instance_another_registration_is_creating(
+    db: Database, database_url: str
+) -> None:
+    """The order that once deadlocked: a batch registers an instance whose row
+    another registration is creating, while a drain waits for the counter
+    and, once the row exists, a heartbeat locks it."""
+    await register_many(db, [item("z-1", "10.9.9.9", name="other")])
+    sessions = [await dbmod.connect(database_url) for _ in range(4)]
+    creating, draining, batch, beating = sessions
+    for session in sessions:
+        await aio_as_trio(session.set_type_codec)(
+            "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+        )
+
+    async def run(session: Any, query: str, *args: Any) -> Any:
+        return await aio_as_trio(session.fetch)(query, *args)
+
+    many = "SELECT error_state, error_message FROM registry.register_many($1)"
+    outcomes: dict[str, Any] = {}
+    drained = trio.Event()
+
+    async def keep(key: str, session: Any, query: str, *args: Any) -> None:
+        outcomes[key] = await run(session, query, *args)
+        if key == "drain":
+            drained.set()
+
+    try:
+        with trio.fail_after(WAIT):
+            async with trio.open_nursery() as nursery:
+                # A registration of svc/i-1 at one address, not committed yet.
+                await run(creating, "BEGIN")
+                await run(creating, many, [item("i-1", "10.0.0.3")])
+                # A drain of another instance, queued for the counter.
+                await run(draining, "BEGIN")
+                nursery.start_soon(
+                    keep,
+                    "drain",
+                    draining,
+                    "UPDATE registry.instances SET status = 'draining'"
+                    " WHERE name = 'other'",
+                )
+                await waiting_for_a_lock(db, draining.get_server_pid())
+                # The batch: svc/i-1 again, at another address.
+                nursery.start_soon(
+                    keep, "batch", batch, many, [item("i-1", "10.0.0.1")]
+                )
+                await waiting_for_a_lock(db, batch.get_server_pid())
+                await run(creating, "COMMIT")
+                await drained.wait()
+                # A heartbeat of the row now there: it locks the row, then
+                # waits for the counter (or for the batch, which has the row).
+                await run(beating, "BEGIN")
+                nursery.start_soon(
+                    keep,
+                    "beat",
+                    beating,
+                    "UPDATE registry.instances SET status = 'draining'"
+                    " WHERE name = 'svc' AND instance_id = 'i-1'",
+                )
+                await waiting_for_a_lock(db, beating.get_server_pid())
+                await run(draining, "COMMIT")
+            await run(beating, "COMMIT")
+    finally:
+        for session in sessions:
+            await aio_as_trio(session.close)()
+
+    assert [tuple(row) for row in outcomes["batch"]] == [(None, None)]
+    events = await db.fetch(
+        "SELECT revision, type, instance_id FROM registry.events ORDER BY revision"
+    )
+    assert [(r["type"], r["instance_id"]) for r in events] == [
+        ("registered", "z-1"),
+        ("registered", "i-1"),
+        ("status_changed", "z-1"),
+        ("updated", "i-1"),
+        ("status_changed", "i-1"),
+    ]
