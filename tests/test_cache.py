@@ -4,13 +4,19 @@ with their events."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import trio
+import trio_asyncio
 from test_hub import event
 
 from harness import WAIT, grpc_client, registration, start_replica
 from registry.cache import Answer, ResolveCache
+from registry.db import Database
 from registry.errors import NotFound
+from registry.service import RegistryService, WatchSettings
 from registry.v1 import registry_pb2 as pb
+from registry.watch import Hub
 
 
 def live_cache(size: int = 10) -> ResolveCache:
@@ -152,3 +158,29 @@ async def test_resolve_through_the_cache_reads_own_writes_and_other_replicas_eve
         )
         assert instance_ids(after) == ["b-1", "b-2"]
         assert after.revision >= drained.revision
+
+
+async def test_resolve_reads_a_write_through_its_replica_before_any_event(
+    database_url: str,
+) -> None:
+    # The Registry service alone, with its hub live and no notifier: no event
+    # ever reaches the cache, so only the write itself can make it drop the
+    # answer it holds.
+    async with trio_asyncio.open_loop(), Database.open(database_url) as db:
+        await db.apply_schema()
+        hub = Hub(cache=ResolveCache(10))
+        hub.set_live(True)
+        service = RegistryService(db, hub, WatchSettings())
+        # Handlers that do not stream ignore their Call.
+        call: Any = None
+
+        def resolved(body: bytes) -> list[str]:
+            return instance_ids(pb.ResolveResponse.FromString(body))
+
+        await service.register(registration("billing", "b-1"), call)
+        first = await service.resolve(pb.ResolveRequest(name="billing"), call)
+        await service.register(registration("billing", "b-2"), call)
+        second = await service.resolve(pb.ResolveRequest(name="billing"), call)
+
+    assert resolved(first) == ["b-1"]
+    assert resolved(second) == ["b-1", "b-2"]
