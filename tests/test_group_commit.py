@@ -252,10 +252,9 @@ async def test_batch_waits_for_an_instance_another_registration_is_creating(
     events = await db.fetch(
         "SELECT revision, type, instance_id FROM registry.events ORDER BY revision"
     )
-    assert [(r["type"], r["instance_id"]) for r in events] == [
-        ("registered", "z-1"),
-        ("registered", "i-1"),
-        ("status_changed", "z-1"),
-        ("updated", "i-1"),
-        ("status_changed", "i-1"),
-    ]
+    written = [(r["type"], r["instance_id"]) for r in events]
+    assert written[:2] == [("registered", "z-1"), ("registered", "i-1")]
+    # The drain and the batch both waited for the registration to commit;
+    # either may take the counter first.
+    assert sorted(written[2:4]) == [("status_changed", "z-1"), ("updated", "i-1")]
+    assert written[4:] == [("status_changed", "i-1")]
