@@ -51,7 +51,7 @@ class Mode(enum.Enum):
     ANSWER = "answer"
     # Accept, read the request, close without a word.
     SILENT = "silent"
-    # Accept, read the request, never answer.
+    # Accept, read the request, never answer (until the client hangs up).
     HANG = "hang"
 
 
@@ -93,6 +93,9 @@ class HttpTarget:
         # Answers sent, by port, for tests that count successes.
         self.answered: dict[int, int] = {}
         self.ports: list[int] = []
+        # Requests held unanswered in Mode.HANG: now, and at most at once.
+        self.hanging = 0
+        self.most_hanging = 0
         self._hit = trio.Event()
 
     async def serve(self, nursery: trio.Nursery, count: int = 1) -> list[int]:
@@ -133,7 +136,15 @@ class HttpTarget:
             if self.mode is Mode.SILENT:
                 return
             if self.mode is Mode.HANG:
-                await trio.sleep_forever()
+                self.hanging += 1
+                self.most_hanging = max(self.most_hanging, self.hanging)
+                try:
+                    # Until the client gives up and closes the connection.
+                    while await stream.receive_some(4096):
+                        pass
+                    return
+                finally:
+                    self.hanging -= 1
             answer = self.respond(port, path)
             await stream.send_all(_encode(answer))
             self.answered[port] = self.answered.get(port, 0) + 1

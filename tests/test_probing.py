@@ -387,6 +387,28 @@ async def test_each_check_kind_drives_its_instance_status(
     )
 
 
+async def test_replica_runs_at_most_max_probes_at_once(
+    nursery: trio.Nursery, database_url: str
+) -> None:
+    replica = await start_replica(
+        nursery, database_url, **{**NO_GUARD, "max_probes": 3}
+    )
+    assert replica.port is not None
+    # Targets that never answer: each probe holds its slot for its timeout.
+    target = HttpTarget()
+    target.mode = Mode.HANG
+    ports = await target.serve(nursery, count=8)
+    async with grpc_client(replica.port) as client:
+        for n, port in enumerate(ports):
+            check = http_check(timeout=seconds(0.5))
+            await client.call("Register", checked(f"b-{n}", port, check))
+
+        # Every target probed, some of them twice: several rounds of slots.
+        await target.wait_for_hits(len(ports) + 3)
+    assert target.most_hanging == 3
+    assert {hit.port for hit in target.hits} == set(ports)
+
+
 async def test_registering_again_restarts_probing_from_pending(
     client: GrpcClient, http: HttpTarget
 ) -> None:
