@@ -154,6 +154,10 @@ LANGUAGE plpgsql AS $$
 DECLARE
     stored registry.instances;
 BEGIN
+    -- The instance's turn (see registry.register_many): taken again, it is a
+    -- no-op; called alone, by a SQL caller, it keeps the writers' lock order.
+    PERFORM pg_advisory_xact_lock(1768846196,
+        hashtext(p_name || '/' || p_instance_id));
     LOOP
         UPDATE registry.instances
         SET generation = generation + 1, status = p_status, address = p_address,

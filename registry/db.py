@@ -57,6 +57,10 @@ _CONNECTION_ERRORS = (
 )
 
 
+# Errors by which Postgres undoes a statement to let another go on.
+_GAVE_UP = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+
+
 @contextmanager
 def mapped_errors() -> Iterator[None]:
     """Turn a lost or refused Postgres connection into Unavailable."""
@@ -213,6 +217,15 @@ class Database:
                 result = cast(T, await trio_asyncio.aio_as_trio(operation)(conn))
             reusable = True
             return result
+        except _GAVE_UP as exc:
+            # Not expected (writers take their locks in one order), but if
+            # Postgres ends a deadlock or a serialization conflict, the
+            # statement is undone and worth sending again.
+            reusable = True
+            raise Unavailable(
+                f"the database undid this call to resolve a conflict with "
+                f"another ({exc.sqlstate}: {exc}); retry"
+            ) from None
         except asyncpg.PostgresError:
             # Postgres refused the statement; the connection is fine.
             reusable = True

@@ -162,6 +162,19 @@ async def waiting_for_a_lock(db: Database, pid: int) -> None:
             await trio.sleep(0.01)
 
 
+async def blocked_by(
+    db: Database, pid: int, holder: Any, outcomes: dict[str, Any]
+) -> None:
+    """Return once backend `pid` waits for `holder`'s backend, or the batch
+    has its outcome."""
+    query = "SELECT $2::int = ANY(pg_blocking_pids($1))"
+    with trio.fail_after(WAIT):
+        while "batch" not in outcomes:
+            if await db.fetchval(query, pid, holder.get_server_pid()):
+                return
+            await trio.sleep(0.01)
+
+
 def item(instance_id: str, address: str, name: str = "svc") -> dict[str, object]:
     """registry.register_many's item for a plain registration."""
     return {
@@ -182,8 +195,23 @@ def item(instance_id: str, address: str, name: str = "svc") -> dict[str, object]
     }
 
 
+# How the other registration creates the row: as a replica does, or as a
+# SQL caller of the function kept for them does.
+CREATIONS = {
+    "register_many": (
+        "SELECT error_state FROM registry.register_many($1)",
+        [item("i-1", "10.0.0.3")],
+    ),
+    "put_instance": (
+        "SELECT revision FROM registry.put_instance('svc', 'i-1', 'active',"
+        " '10.0.0.3', '', '', '[]', '[]', '{}', NULL, '\\x00'::bytea)",
+    ),
+}
+
+
+@pytest.mark.parametrize("creation", list(CREATIONS))
 async def test_batch_waits_for_an_instance_another_registration_is_creating(
-    db: Database, database_url: str
+    db: Database, database_url: str, creation: str
 ) -> None:
     """The order that once deadlocked: a batch registers an instance whose row
     another registration is creating, while a drain waits for the counter
@@ -213,7 +241,7 @@ async def test_batch_waits_for_an_instance_another_registration_is_creating(
             async with trio.open_nursery() as nursery:
                 # A registration of svc/i-1 at one address, not committed yet.
                 await run(creating, "BEGIN")
-                await run(creating, many, [item("i-1", "10.0.0.3")])
+                await run(creating, *CREATIONS[creation])
                 # A drain of another instance, queued for the counter.
                 await run(draining, "BEGIN")
                 nursery.start_soon(
@@ -231,6 +259,10 @@ async def test_batch_waits_for_an_instance_another_registration_is_creating(
                 await waiting_for_a_lock(db, batch.get_server_pid())
                 await run(creating, "COMMIT")
                 await drained.wait()
+                # The batch now holds the new row, and waits for the counter,
+                # which the drain's open transaction has (unless it took the
+                # counter first and is done).
+                await blocked_by(db, batch.get_server_pid(), draining, outcomes)
                 # A heartbeat of the row now there: it locks the row, then
                 # waits for the counter (or for the batch, which has the row).
                 await run(beating, "BEGIN")
