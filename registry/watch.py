@@ -21,7 +21,6 @@ event it publishes drops its name's answer.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -62,16 +61,27 @@ class Watcher:
         # Whether anything was offered since the last tick (or since the
         # watcher was made): only a stream idle for a whole tick gets progress.
         self._busy = True
-        self._send, self._receive = trio.open_memory_channel[Event | Progress](buffer)
+        # One slot more than the events it may hold: the progress item that
+        # a tick may have queued must not make the stream end as behind.
+        self._send, self._receive = trio.open_memory_channel[Event | Progress](
+            buffer + 1
+        )
+        self._buffer = buffer
+        # A tick's progress item waits in the channel (at most one does).
+        self._progress_waiting = False
+
+    @property
+    def pending(self) -> int:
+        """Items offered and not received yet."""
+        return self._receive.statistics().current_buffer_used
 
     def offer(self, event: Event) -> None:
         if event.revision <= self.cursor or self.ended is not None:
             return
-        try:
-            self._send.send_nowait(event)
-        except trio.WouldBlock:
+        if self.pending - self._progress_waiting >= self._buffer:
             self.end(Ended.BEHIND)
             return
+        self._send.send_nowait(event)
         self.cursor = event.revision
         self._busy = True
 
@@ -80,12 +90,10 @@ class Watcher:
         offered), if nothing was offered since the last tick and nothing
         waits unsent."""
         busy, self._busy = self._busy, False
-        if busy or self.ended is not None:
+        if busy or self.ended is not None or self.pending:
             return
-        if self._receive.statistics().current_buffer_used:
-            return
-        with contextlib.suppress(trio.WouldBlock):
-            self._send.send_nowait(Progress(max(revision, self.cursor)))
+        self._send.send_nowait(Progress(max(revision, self.cursor)))
+        self._progress_waiting = True
 
     def end(self, reason: Ended) -> None:
         if self.ended is None:
@@ -98,9 +106,12 @@ class Watcher:
         """The next event or progress; None once the watcher has ended and
         its buffer is empty (see `ended` for why)."""
         try:
-            return await self._receive.receive()
+            item = await self._receive.receive()
         except trio.EndOfChannel:
             return None
+        if isinstance(item, Progress):
+            self._progress_waiting = False
+        return item
 
 
 class Hub:

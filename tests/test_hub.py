@@ -223,16 +223,34 @@ async def test_hub_ticks_progress_only_to_watchers_idle_for_a_whole_tick() -> No
     assert await orders.receive() == event(2, "orders")
 
 
-async def test_watcher_gets_no_progress_past_an_event_it_has_not_taken() -> None:
+async def test_watcher_gets_no_progress_while_events_wait_in_its_buffer() -> None:
     hub = Hub()
     watcher = attached(hub, ["billing"])
     hub.tick()
     hub.publish([event(1)])
     hub.tick()
+    hub.publish([event(2)])
 
-    # The event offered as the tick came is still waiting: no progress may
-    # overtake it, at this tick or the next.
+    # Idle for a tick since, but with events unsent: they say more than a
+    # progress item would, which waits until they are taken.
     hub.tick()
-    assert await watcher.receive() == event(1)
     hub.tick()
-    assert await watcher.receive() == Progress(1)
+    assert watcher.pending == 2
+    assert [await watcher.receive(), await watcher.receive()] == [event(1), event(2)]
+    hub.tick()
+    assert watcher.pending == 1
+    assert await watcher.receive() == Progress(2)
+
+
+def test_watcher_queued_progress_takes_no_event_slot() -> None:
+    hub = Hub()
+    watcher = attached(hub, ["billing"], buffer=2)
+    hub.tick()
+    hub.tick()
+    assert watcher.pending == 1
+
+    # The progress item is still there: two events still fit.
+    hub.publish([event(1), event(2)])
+    assert watcher.ended is None
+    hub.publish([event(3)])
+    assert watcher.ended is Ended.BEHIND
