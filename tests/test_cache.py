@@ -184,3 +184,21 @@ async def test_resolve_reads_a_write_through_its_replica_before_any_event(
 
     assert resolved(first) == ["b-1"]
     assert resolved(second) == ["b-1", "b-2"]
+
+
+async def test_resolve_read_from_the_database_reports_the_revision_it_read_at(
+    database_url: str,
+) -> None:
+    # A hub that has gone past the read (as it can while the read runs):
+    # the answer must not claim its revision, or a client watching from it
+    # would skip what the read did not see.
+    async with trio_asyncio.open_loop(), Database.open(database_url) as db:
+        await db.apply_schema()
+        hub = Hub(revision=100, cache=ResolveCache(10))
+        service = RegistryService(db, hub, WatchSettings())
+        call: Any = None
+
+        registered = await service.register(registration("billing", "b-1"), call)
+        body = await service.resolve(pb.ResolveRequest(name="billing"), call)
+
+    assert pb.ResolveResponse.FromString(body).revision == registered.revision == 1
