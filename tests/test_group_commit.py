@@ -7,19 +7,21 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 import pytest
 import trio
 import trio.testing
 import trio_asyncio
 from trio_asyncio import aio_as_trio
 
-from harness import WAIT
+from harness import WAIT, TcpProxy, grpc_client, registration, start_replica
 from registry import db as dbmod
 from registry import store
 from registry.db import Database
 from registry.errors import AlreadyExists
 from registry.group_commit import Committer, register_many
 from registry.model import Api, Instance, Registration, Status
+from registry.v1 import registry_pb2 as pb
 
 
 @pytest.fixture
@@ -290,3 +292,37 @@ async def test_batch_waits_for_an_instance_another_registration_is_creating(
     # either may take the counter first.
     assert sorted(written[2:4]) == [("status_changed", "z-1"), ("updated", "i-1")]
     assert written[4:] == [("status_changed", "i-1")]
+
+
+async def test_register_while_the_database_is_cut_is_unavailable_then_works_again(
+    nursery: trio.Nursery, database_url: str
+) -> None:
+    proxy = TcpProxy.to(database_url)
+    await nursery.start(proxy.run)
+    replica = await start_replica(nursery, proxy.url(database_url))
+    assert replica.port is not None
+    async with grpc_client(replica.port) as client:
+        await client.call("Register", registration("billing", "b-1"))
+
+        proxy.cut()
+        with pytest.raises(grpc.RpcError) as cut:
+            await client.call("Register", registration("billing", "b-2"))
+        assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
+
+        # The replica's committer lived through it: the next batches go in,
+        # once the pool has replaced the connections the cut broke (a call
+        # that meets one first is refused, as a client would see and retry).
+        proxy.heal()
+        again = None
+        with trio.fail_after(WAIT):
+            while again is None:
+                try:
+                    again = await client.call(
+                        "Register", registration("billing", "b-3")
+                    )
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.UNAVAILABLE
+                    await trio.sleep(0.05)
+        listed = await client.call("List", pb.ListRequest(min_revision=again.revision))
+    assert sorted(i.instance_id for i in listed.instances) == ["b-1", "b-3"]
+    replica.stop()
