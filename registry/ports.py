@@ -162,11 +162,16 @@ class Holder:
 
 def address_key(address: str) -> str:
     """The form in which an address holds ports: '::0:1' and '::1' are one
-    address, and host names are case-insensitive."""
+    address, host names are case-insensitive, and `localhost` (with its
+    subdomains, RFC 6761) is 127.0.0.1: services on one laptop that name
+    their address either way must not be handed the same port."""
     try:
         return str(ipaddress.ip_address(address))
     except ValueError:
-        return address.lower()
+        name = address.lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return "127.0.0.1"
+    return name
 
 
 def assign(

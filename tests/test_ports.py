@@ -97,6 +97,10 @@ def test_port_policy_names_the_bad_setting() -> None:
 def test_address_key_is_canonical_for_ip_addresses_and_host_names() -> None:
     assert address_key("::0:1") == address_key("::1") == "::1"
     assert address_key("Orders-7.Internal") == "orders-7.internal"
+    assert address_key("orders-7.internal.") == "orders-7.internal"
+    # One laptop's loopback, however a service names it.
+    assert address_key("LocalHost") == address_key("billing.localhost") == "127.0.0.1"
+    assert address_key("localhost.example") == "localhost.example"
     assert address_key("127.0.0.1") == "127.0.0.1"
 
 
@@ -383,6 +387,23 @@ async def test_ports_are_held_until_deregistration_and_then_assigned_again(
         )
         second = await register(client, registration("orders", "o-1"))
         assert held(second)[0] in {21100, 21101, 21102}
+    replica.stop()
+
+
+async def test_localhost_and_127_0_0_1_share_their_ports(
+    nursery: trio.Nursery, database_url: str
+) -> None:
+    replica = await start_replica(nursery, database_url, port_range="21200-21205")
+    async with grpc_client(replica.port or 0) as client:
+        named = await register(client, three_apis("billing", "b-1", "localhost"))
+        numbered = await register(client, three_apis("orders", "o-1", "127.0.0.1"))
+        assert not set(held(named)) & set(held(numbered))
+
+        taken = registration("payments", "p-1", address="127.0.0.1")
+        taken.apis[0].port = held(named)[0]
+        error = await refused(client, taken)
+    assert error.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert "of instance 'b-1' of 'billing'" in error.details()
     replica.stop()
 
 
