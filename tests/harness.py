@@ -323,6 +323,18 @@ class TcpProxy:
         link.cancel()
 
 
+async def start_replica_behind_proxy(
+    nursery: trio.Nursery, database_url: str, **overrides: Any
+) -> tuple[Replica, TcpProxy]:
+    """A replica whose Postgres connections all go through a TcpProxy, for
+    tests that cut or stall its database."""
+    proxy = TcpProxy.to(database_url)
+    await nursery.start(proxy.run)
+    replica = await start_replica(nursery, proxy.url(database_url), **overrides)
+    assert replica.port is not None
+    return replica, proxy
+
+
 @contextmanager
 def logged(logger: str, fragment: str) -> Iterator[trio.Event]:
     """An event set when `logger` logs a message containing `fragment`."""

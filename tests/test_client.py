@@ -19,12 +19,12 @@ from google.protobuf.duration_pb2 import Duration
 
 from harness import (
     WAIT,
-    TcpProxy,
     grpc_client,
     registration,
     relay,
     replica_process,
     start_replica,
+    start_replica_behind_proxy,
     watch_stream,
 )
 from registry import client as registry_client
@@ -188,9 +188,7 @@ async def test_client_fails_over_past_an_unreachable_endpoint(
 async def test_client_fails_over_when_its_replica_lost_the_database(
     nursery: trio.Nursery, database_url: str
 ) -> None:
-    proxy = TcpProxy.to(database_url)
-    await nursery.start(proxy.run)
-    cut_off = await start_replica(nursery, proxy.url(database_url))
+    cut_off, proxy = await start_replica_behind_proxy(nursery, database_url)
     healthy = await start_replica(nursery, database_url)
     async with connect([endpoint(cut_off), endpoint(healthy)]) as client:
         await client.register(service("billing", "b-1"))

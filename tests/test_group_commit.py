@@ -14,7 +14,7 @@ import trio.testing
 import trio_asyncio
 from trio_asyncio import aio_as_trio
 
-from harness import WAIT, TcpProxy, grpc_client, registration, start_replica
+from harness import WAIT, grpc_client, registration, start_replica_behind_proxy
 from registry import db as dbmod
 from registry import store
 from registry.db import Database
@@ -297,11 +297,8 @@ async def test_batch_waits_for_an_instance_another_registration_is_creating(
 async def test_register_while_the_database_is_cut_is_unavailable_then_works_again(
     nursery: trio.Nursery, database_url: str
 ) -> None:
-    proxy = TcpProxy.to(database_url)
-    await nursery.start(proxy.run)
-    replica = await start_replica(nursery, proxy.url(database_url))
-    assert replica.port is not None
-    async with grpc_client(replica.port) as client:
+    replica, proxy = await start_replica_behind_proxy(nursery, database_url)
+    async with grpc_client(replica.port or 0) as client:
         await client.call("Register", registration("billing", "b-1"))
 
         proxy.cut()

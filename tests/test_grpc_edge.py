@@ -32,12 +32,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import (
     TEST_CONFIG,
     WAIT,
-    TcpProxy,
     grpc_client,
     in_thread,
     registration,
     replica_process,
     start_replica,
+    start_replica_behind_proxy,
 )
 from registry._grpc import (
     INTERNAL_MESSAGE,
@@ -738,11 +738,8 @@ async def test_health_watch_sees_not_serving_when_the_replica_drains(
 async def test_health_is_not_serving_while_the_replica_has_lost_its_database(
     nursery: trio.Nursery, database_url: str
 ) -> None:
-    proxy = TcpProxy.to(database_url)
-    await nursery.start(proxy.run)
-    replica = await start_replica(nursery, proxy.url(database_url))
-    assert replica.port is not None
-    async with grpc_client(replica.port) as client:
+    replica, proxy = await start_replica_behind_proxy(nursery, database_url)
+    async with grpc_client(replica.port or 0) as client:
         watch = health_pb2_grpc.HealthStub(client.channel).Watch(
             health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=2 * WAIT
         )

@@ -15,11 +15,11 @@ import trio_asyncio
 
 from harness import (
     WAIT,
-    TcpProxy,
     grpc_client,
     logged,
     registration,
     start_replica,
+    start_replica_behind_proxy,
     watch_stream,
 )
 from registry import db as dbmod
@@ -149,9 +149,9 @@ async def test_notifier_notices_a_silent_partition_by_its_deadline_query(
     """A partition that closes nothing (no RST, no FIN) shows only as the
     periodic query going unanswered; the notifier then reconnects and reads
     what was written meanwhile."""
-    proxy = TcpProxy.to(database_url)
-    await nursery.start(proxy.run)
-    replica = await start_replica(nursery, proxy.url(database_url), poll_interval=0.2)
+    replica, proxy = await start_replica_behind_proxy(
+        nursery, database_url, poll_interval=0.2
+    )
     assert replica.port is not None
 
     async with (
