@@ -24,6 +24,7 @@ from harness import (
     start_replica,
 )
 from registry import store
+from registry.app import Replica
 from registry.db import Database
 from registry.model import Registration, Status
 
@@ -36,6 +37,20 @@ async def message_ids_until(events: Subscription, last: int) -> list[int]:
     while last not in ids:
         ids.append(int((await events.receive()).message_id))
     return ids
+
+
+async def behind_a_broker_proxy(
+    nursery: trio.Nursery, database_url: str, amqp: Amqp, amqp_url: str
+) -> tuple[Replica, TcpProxy, str]:
+    """A replica whose broker connection goes through a TcpProxy, publishing
+    to an events exchange of the test's own (also returned)."""
+    exchange = amqp.name("registry.events")
+    proxy = TcpProxy.to(amqp_url)
+    await nursery.start(proxy.run)
+    replica = await start_replica(
+        nursery, database_url, amqp_url=proxy.url(amqp_url), events_exchange=exchange
+    )
+    return replica, proxy, exchange
 
 
 async def register_all(clients: list[GrpcClient], requests: list[Any]) -> list[int]:
@@ -102,11 +117,8 @@ async def test_two_replica_processes_publish_every_event_once_in_revision_order(
 async def test_outbox_holds_events_while_the_broker_is_cut_and_delivers_them_after(
     nursery: trio.Nursery, database_url: str, amqp: Amqp, amqp_url: str
 ) -> None:
-    exchange = amqp.name("registry.events")
-    proxy = TcpProxy.to(amqp_url)
-    await nursery.start(proxy.run)
-    replica = await start_replica(
-        nursery, database_url, amqp_url=proxy.url(amqp_url), events_exchange=exchange
+    replica, proxy, exchange = await behind_a_broker_proxy(
+        nursery, database_url, amqp, amqp_url
     )
     samples = replica.metrics.registry.get_sample_value
     assert samples("registry_outbox_published_total") == 0
@@ -207,11 +219,8 @@ async def test_compaction_keeps_the_events_the_outbox_has_not_published(
 async def test_outbox_cut_in_the_middle_of_a_publish_loses_no_event(
     nursery: trio.Nursery, database_url: str, amqp: Amqp, amqp_url: str
 ) -> None:
-    exchange = amqp.name("registry.events")
-    proxy = TcpProxy.to(amqp_url)
-    await nursery.start(proxy.run)
-    replica = await start_replica(
-        nursery, database_url, amqp_url=proxy.url(amqp_url), events_exchange=exchange
+    replica, proxy, exchange = await behind_a_broker_proxy(
+        nursery, database_url, amqp, amqp_url
     )
     async with (
         amqp.subscribe(exchange) as events,
