@@ -8,8 +8,11 @@ sets the next due time (registry.probe_store). A replica that dies keeps
 its leases only until they expire; then another replica claims the rows.
 
 Between claims the scheduler sleeps until the next row falls due, at most
-the poll interval, and wakes early on any registry event, so that a new
-registration is probed at once.
+the poll interval, and wakes early for a new generation of an instance with
+a health check, so that a new registration is probed at once. Other events
+(registrations without a check, status changes, deregistrations) bring no
+row due, and leave it asleep: waking on each would cost every replica two
+queries per write.
 
 The replica's deregistration guard (registry.health_machine) sees every
 outcome this replica records; while it holds, a probe that would deregister
@@ -40,7 +43,7 @@ from .health_machine import (
     policy_for,
 )
 from .metrics import Metrics
-from .model import CheckKind, HealthCheck
+from .model import CheckKind, Event, EventType, HealthCheck
 from .watch import Hub
 
 __all__ = ["ProbeSettings", "Prober", "replica_id"]
@@ -52,6 +55,17 @@ log = logging.getLogger("registry.probes")
 _MIN_SLEEP = 0.01
 # How long a stopping replica tries to give its leases back.
 _RELEASE_TIMEOUT = 2.0
+
+
+def brings_probe_due(event: Event) -> bool:
+    """Whether `event` may have put a probe row in place or brought one
+    forward: a registration, or a new generation, of an instance with a
+    health check (registry.sync_probe starts its row afresh; a TTL check's
+    first deadline is one TTL away, and the scheduler's sleep must know it)."""
+    return (
+        event.type in (EventType.REGISTERED, EventType.UPDATED)
+        and event.instance.check is not None
+    )
 
 
 def replica_id() -> str:
@@ -234,8 +248,7 @@ class Prober:
             if delay is not None:
                 wait = min(max(delay, _MIN_SLEEP), wait)
             with trio.move_on_after(wait):
-                # Any event may be a registration to probe at once.
-                await self._hub.wait_for(self._hub.revision + 1)
+                await self._hub.wait_for_event(brings_probe_due)
 
     def _next_owner(self) -> str:
         # A lease per claim: a late record of an expired lease is dropped

@@ -16,14 +16,16 @@ One ticker for the whole hub, rather than a timeout on every stream's wait,
 keeps the per-event cost of a stream to a channel receive.
 
 The hub also keeps the replica's Resolve cache current (registry.cache): each
-event it publishes drops its name's answer.
+event it publishes drops its name's answer. A task that cares about some
+events only (the probe scheduler: registrations with a health check) waits
+with wait_for_event() and is woken by those alone.
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -114,6 +116,12 @@ class Watcher:
         return item
 
 
+@dataclass(eq=False)
+class _Interest:
+    wanted: Callable[[Event], bool]
+    found: trio.Event = field(default_factory=trio.Event)
+
+
 class Hub:
     def __init__(self, revision: int = 0, cache: ResolveCache | None = None) -> None:
         # Every event up to this revision has been offered to the watchers.
@@ -124,6 +132,7 @@ class Hub:
         self._everything: set[Watcher] = set()
         self._by_name: dict[str, set[Watcher]] = {}
         self._advanced = trio.Event()
+        self._interests: set[_Interest] = set()
         self.draining = False
 
     def __len__(self) -> int:
@@ -166,6 +175,9 @@ class Hub:
                 watcher.offer(event)
             for watcher in self._by_name.get(event.name, ()):
                 watcher.offer(event)
+            for interest in self._interests:
+                if interest.wanted(event):
+                    interest.found.set()
             self.revision = event.revision
         self._wake()
 
@@ -201,6 +213,15 @@ class Hub:
         """Return once every event up to `revision` has been published."""
         while self.revision < revision:
             await self._advanced.wait()
+
+    async def wait_for_event(self, wanted: Callable[[Event], bool]) -> None:
+        """Return once an event that `wanted` accepts is published."""
+        interest = _Interest(wanted)
+        self._interests.add(interest)
+        try:
+            await interest.found.wait()
+        finally:
+            self._interests.discard(interest)
 
     def _wake(self) -> None:
         self._advanced.set()

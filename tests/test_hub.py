@@ -177,6 +177,31 @@ async def test_hub_wait_for_returns_when_the_revision_is_reached(
         assert trio.current_time() - start == 6
 
 
+async def test_hub_wait_for_event_wakes_only_for_an_accepted_event(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    hub = Hub()
+
+    async def feed() -> None:
+        await trio.sleep(1)
+        hub.publish([event(1, "orders"), event(2, "orders")])
+        await trio.sleep(2)
+        hub.publish([event(3, "orders"), event(4, "billing"), event(5, "orders")])
+        await trio.sleep(4)
+        hub.publish([event(6, "orders")])
+        await trio.sleep(1)
+        hub.publish([event(7, "billing")])
+
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(feed)
+        await hub.wait_for_event(lambda e: e.name == "billing")
+        assert trio.current_time() - start == 3
+        # A new wait is for events to come, not the one already seen.
+        await hub.wait_for_event(lambda e: e.name == "billing")
+        assert trio.current_time() - start == 8
+
+
 def test_backoff_doubles_up_to_its_cap_with_jitter_below_each_bound() -> None:
     backoff = Backoff(0.1, 1.0, rng=random.Random(7))
     bounds = [0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0, 1.0]

@@ -12,6 +12,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,8 @@ from probe_targets import (
 )
 from registry.app import Replica
 from registry.errors import InvalidArgument
-from registry.probes import ProbeSettings
+from registry.model import CheckKind, Event, EventType, HealthCheck, Instance, Status
+from registry.probes import ProbeSettings, brings_probe_due
 from registry.v1 import registry_pb2 as pb
 
 # No startup hold, and a guard that never judges: tests of the guard set it.
@@ -430,6 +432,62 @@ async def test_registering_again_restarts_probing_from_pending(
     assert proved.time.ToNanoseconds() - again.instance.updated_at.ToNanoseconds() > (
         0.9e9
     )
+
+
+async def test_new_registration_is_probed_at_once_while_the_scheduler_sleeps(
+    nursery: trio.Nursery, database_url: str
+) -> None:
+    # Polling alone would take ten minutes, and the first instance's next
+    # probe is a minute away: only the registration itself can wake the
+    # scheduler in time.
+    replica = await start_replica(
+        nursery, database_url, **(NO_GUARD | {"probe_poll_interval": 600.0})
+    )
+    assert replica.port is not None
+    http = HttpTarget()
+    first, second = await http.serve(nursery, count=2)
+    slow = pb.HealthCheck(http=pb.HttpCheck(path="/healthz"), interval=seconds(60))
+    async with (
+        grpc_client(replica.port) as client,
+        watch_stream(client.stub, pb.WatchRequest(names=["billing"])) as stream,
+    ):
+        await client.call("Register", checked("b-1", first, slow))
+        await status_event(stream, "b-1", pb.STATUS_ACTIVE)
+        # Registrations without a check wake no one, and change nothing.
+        await client.call("Register", registration("billing", "plain"))
+        await client.call("Register", checked("b-2", second, slow))
+        await status_event(stream, "b-2", pb.STATUS_ACTIVE)
+
+
+def test_only_a_new_generation_with_a_check_brings_a_probe_due() -> None:
+    when = datetime(2026, 1, 1, tzinfo=UTC)
+    plain = Instance(
+        name="billing",
+        instance_id="b-1",
+        generation=1,
+        status=Status.ACTIVE,
+        address="127.0.0.1",
+        version="",
+        description="",
+        apis=(),
+        brokers=(),
+        metadata={},
+        check=None,
+        registered_at=when,
+        updated_at=when,
+        revision=1,
+    )
+    checked_one = replace(plain, check=HealthCheck(CheckKind.TTL, ttl_seconds=5))
+
+    def brings(kind: EventType, instance: Instance) -> bool:
+        return brings_probe_due(Event(1, kind, "billing", "b-1", instance, when))
+
+    assert brings(EventType.REGISTERED, checked_one)
+    assert brings(EventType.UPDATED, checked_one)
+    assert not brings(EventType.STATUS_CHANGED, checked_one)
+    assert not brings(EventType.DEREGISTERED, checked_one)
+    assert not brings(EventType.REGISTERED, plain)
+    assert not brings(EventType.UPDATED, plain)
 
 
 @asynccontextmanager
