@@ -9,6 +9,7 @@ instance for resolve). Apart from 0, the reason is one line on stderr.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import math
@@ -349,6 +350,13 @@ async def _serve_until_signalled(
 ) -> None:
     # Imported here: the client commands start faster without it.
     from .app import Replica
+
+    # What is loaded by now (modules, protobuf descriptors: some 60,000
+    # objects) lives as long as the process. Out of the collector's sight, a
+    # full collection scans only what serving creates: its pause, which lands
+    # on the calls in flight, drops from tens of milliseconds to a few.
+    gc.collect()
+    gc.freeze()
 
     replica = Replica(config, database_url)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
