@@ -218,6 +218,23 @@ def ratio_rows(settings: Settings) -> list[Ratio]:
             (unary_key("resolve", most), PURERPC),
         ),
         Ratio(
+            f"empty purerpc call/s / etcd register/s, {most} callers",
+            "(the stack's ceiling against etcd)",
+            False,
+            math.nan,
+            (unary_key("resolve", most), PURERPC),
+            (unary_key("register", most), ETCD),
+        ),
+        Ratio(
+            f"register/s per core used, {most} callers: registry x1 / etcd",
+            "(CPU per registration, inverted)",
+            False,
+            math.nan,
+            (unary_key("register", most), ONE),
+            (unary_key("register", most), ETCD),
+            per_core=True,
+        ),
+        Ratio(
             f"register/s, {most} callers: registry x2 / x1",
             "(one database behind both)",
             False,
@@ -604,6 +621,13 @@ def figure_table(results: Results) -> list[str]:
             p50 = Spread.of([s.p50 for s in samples])
             p99 = Spread.of([s.p99 for s in samples])
             cores = Spread.of([s.cores for s in samples])
+            # What one call cost the system in CPU: how it would fare on
+            # cores of its own, whatever else shared these.
+            per_call = (
+                Spread.of([s.cores / s.value * 1000 for s in samples if s.value > 0])
+                if figure.unit == "/s"
+                else None
+            )
             note = _median_note(samples, spread.median if spread else math.nan)
             rows.append(
                 [
@@ -613,11 +637,22 @@ def figure_table(results: Results) -> list[str]:
                     p50.format(" ms", 2) if p50 and figure.latencies else "",
                     p99.format(" ms", 2) if p99 and figure.latencies else "",
                     cores.format("", 2) if cores else "",
+                    per_call.format(" ms", 2) if per_call else "",
                     note,
                 ]
             )
     return _table(
-        ["figure", "system", "median (min-max)", "p50", "p99", "cores", "note"], rows
+        [
+            "figure",
+            "system",
+            "median (min-max)",
+            "p50",
+            "p99",
+            "cores",
+            "CPU per call",
+            "note",
+        ],
+        rows,
     )
 
 
@@ -682,7 +717,8 @@ def report(
         "",
         "Median over the rounds, (lowest-highest) after it. cores: CPU the "
         "system used during the measurement (the registry's replicas and their "
-        "Postgres backends; etcd; the empty server).",
+        "Postgres backends; etcd; the empty server). CPU per call: those "
+        "cores over the calls per second, the CPU time one call cost the system.",
         "",
         *figure_table(bench.results),
     ]
