@@ -434,6 +434,8 @@ DECLARE
     stored registry.instances;
     lock_space integer;
     lock_key integer;
+    wanted_name text;
+    wanted_id text;
 BEGIN
     FOR lock_space, lock_key IN
         SELECT 1768846196, hashtext((i->>'name') || '/' || (i->>'instance_id'))
@@ -445,11 +447,18 @@ BEGIN
     LOOP
         PERFORM pg_advisory_xact_lock(lock_space, lock_key);
     END LOOP;
-    PERFORM 1 FROM registry.instances
-    WHERE (name, instance_id) IN (
-        SELECT i->>'name', i->>'instance_id' FROM jsonb_array_elements(p_items) AS i)
-    ORDER BY name, instance_id
-    FOR UPDATE;
+    -- Row by row, each found by its key: as one join with the items, the
+    -- planner (which guesses a hundred items) scans the whole table, a cost
+    -- that grows with the registry.
+    FOR wanted_name, wanted_id IN
+        SELECT DISTINCT i->>'name', i->>'instance_id'
+        FROM jsonb_array_elements(p_items) AS i
+        ORDER BY 1, 2
+    LOOP
+        PERFORM 1 FROM registry.instances
+        WHERE name = wanted_name AND instance_id = wanted_id
+        FOR UPDATE;
+    END LOOP;
     PERFORM 1 FROM registry.revision FOR UPDATE;
 
     FOR item IN SELECT value FROM jsonb_array_elements(p_items) LOOP
