@@ -216,39 +216,42 @@ class Prober:
             if not free:
                 await self._slot_freed.wait()
                 continue
-            try:
-                claims = await probe_store.claim_due(
-                    self._db,
-                    self._next_owner(),
-                    free,
-                    default_timeout=self._settings.defaults.timeout,
-                    lease=self._settings.lease,
-                )
-                delay = None
-                if len(claims) < free:
-                    delay = await probe_store.seconds_to_next_due(self._db)
-            except Unavailable as exc:
-                if not unavailable:
-                    log.warning("cannot claim probes (%s); retrying", exc)
-                unavailable = True
-                await trio.sleep(self._settings.poll_interval)
-                continue
-            if unavailable:
-                log.info("claiming probes again")
-                unavailable = False
+            # Noticed from before the claim reads the table: a registration
+            # committed meanwhile still cuts the sleep short.
+            with self._hub.noticing(brings_probe_due) as brought:
+                try:
+                    claims = await probe_store.claim_due(
+                        self._db,
+                        self._next_owner(),
+                        free,
+                        default_timeout=self._settings.defaults.timeout,
+                        lease=self._settings.lease,
+                    )
+                    delay = None
+                    if len(claims) < free:
+                        delay = await probe_store.seconds_to_next_due(self._db)
+                except Unavailable as exc:
+                    if not unavailable:
+                        log.warning("cannot claim probes (%s); retrying", exc)
+                    unavailable = True
+                    await trio.sleep(self._settings.poll_interval)
+                    continue
+                if unavailable:
+                    log.info("claiming probes again")
+                    unavailable = False
 
-            for claim in claims:
-                borrower = object()
-                self._limiter.acquire_on_behalf_of_nowait(borrower)
-                probes.start_soon(self._probe, claim, borrower)
-            if len(claims) == free:
-                continue
+                for claim in claims:
+                    borrower = object()
+                    self._limiter.acquire_on_behalf_of_nowait(borrower)
+                    probes.start_soon(self._probe, claim, borrower)
+                if len(claims) == free:
+                    continue
 
-            wait = self._settings.poll_interval
-            if delay is not None:
-                wait = min(max(delay, _MIN_SLEEP), wait)
-            with trio.move_on_after(wait):
-                await self._hub.wait_for_event(brings_probe_due)
+                wait = self._settings.poll_interval
+                if delay is not None:
+                    wait = min(max(delay, _MIN_SLEEP), wait)
+                with trio.move_on_after(wait):
+                    await brought.wait()
 
     def _next_owner(self) -> str:
         # A lease per claim: a late record of an expired lease is dropped

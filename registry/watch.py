@@ -18,13 +18,14 @@ keeps the per-event cost of a stream to a channel receive.
 The hub also keeps the replica's Resolve cache current (registry.cache): each
 event it publishes drops its name's answer. A task that cares about some
 events only (the probe scheduler: registrations with a health check) waits
-with wait_for_event() and is woken by those alone.
+for them through noticing(), and is woken by those alone.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import trio
@@ -214,12 +215,15 @@ class Hub:
         while self.revision < revision:
             await self._advanced.wait()
 
-    async def wait_for_event(self, wanted: Callable[[Event], bool]) -> None:
-        """Return once an event that `wanted` accepts is published."""
+    @contextmanager
+    def noticing(self, wanted: Callable[[Event], bool]) -> Iterator[trio.Event]:
+        """A trio.Event that the first event `wanted` accepts sets, of those
+        published while the block runs: one published before the caller
+        starts waiting still counts."""
         interest = _Interest(wanted)
         self._interests.add(interest)
         try:
-            await interest.found.wait()
+            yield interest.found
         finally:
             self._interests.discard(interest)
 

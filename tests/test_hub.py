@@ -177,29 +177,36 @@ async def test_hub_wait_for_returns_when_the_revision_is_reached(
         assert trio.current_time() - start == 6
 
 
-async def test_hub_wait_for_event_wakes_only_for_an_accepted_event(
+async def test_hub_noticing_is_set_only_by_an_accepted_event_of_its_block(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     hub = Hub()
 
-    async def feed() -> None:
-        await trio.sleep(1)
-        hub.publish([event(1, "orders"), event(2, "orders")])
-        await trio.sleep(2)
-        hub.publish([event(3, "orders"), event(4, "billing"), event(5, "orders")])
-        await trio.sleep(4)
-        hub.publish([event(6, "orders")])
-        await trio.sleep(1)
-        hub.publish([event(7, "billing")])
+    def billing(e: Event) -> bool:
+        return e.name == "billing"
 
-    start = trio.current_time()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(feed)
-        await hub.wait_for_event(lambda e: e.name == "billing")
-        assert trio.current_time() - start == 3
-        # A new wait is for events to come, not the one already seen.
-        await hub.wait_for_event(lambda e: e.name == "billing")
-        assert trio.current_time() - start == 8
+    hub.publish([event(1, "billing")])
+    with hub.noticing(billing) as noticed:
+        # Events from before the block do not count; others do not either.
+        hub.publish([event(2, "orders")])
+        assert not noticed.is_set()
+        # One published before anybody waits is kept for the wait.
+        hub.publish([event(3, "orders"), event(4, "billing")])
+        assert noticed.is_set()
+
+    with hub.noticing(billing) as noticed:
+
+        async def feed() -> None:
+            await trio.sleep(2)
+            hub.publish([event(5, "orders")])
+            await trio.sleep(3)
+            hub.publish([event(6, "billing")])
+
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(feed)
+            await noticed.wait()
+        assert trio.current_time() - start == 5
 
 
 def test_backoff_doubles_up_to_its_cap_with_jitter_below_each_bound() -> None:
