@@ -217,9 +217,10 @@ class Hub:
 
     @contextmanager
     def noticing(self, wanted: Callable[[Event], bool]) -> Iterator[trio.Event]:
-        """A trio.Event that the first event `wanted` accepts sets, of those
-        published while the block runs: one published before the caller
-        starts waiting still counts."""
+        """Yield a trio.Event, set by the first event published inside the
+        block that `wanted` accepts; one published before the caller awaits
+        it still counts. Events the hub skips without publishing (compacted
+        before this replica read them) set nothing."""
         interest = _Interest(wanted)
         self._interests.add(interest)
         try:

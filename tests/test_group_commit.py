@@ -217,9 +217,10 @@ async def test_batch_reads_its_own_rows_by_key_however_many_are_registered(
     await db.fetch("ANALYZE registry.instances, registry.ports, registry.probes")
 
     async def batch(conn: dbmod.Connection) -> dict[str, int]:
-        # A backend's counts reach the shared statistics about once a
-        # second; flushed now, while idle, what it reports next is the
-        # batch's alone.
+        # pg_stat_xact_* shows the backend's counts not yet flushed to the
+        # shared statistics, which can hold earlier transactions' (it flushes
+        # about once a second). Asked to flush the next time it is idle, as
+        # it is right after this statement, it then counts the batch alone.
         await conn.execute("SELECT pg_stat_force_next_flush()")
         async with conn.transaction():
             await conn.fetch(
