@@ -25,6 +25,7 @@ import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
 
@@ -33,6 +34,7 @@ import trio
 
 from registry.app import Replica
 from registry.config import Config
+from registry.model import Event, EventType, HealthCheck, Instance, Status
 from registry.v1 import registry_pb2 as pb
 from registry.v1 import registry_pb2_grpc
 
@@ -54,6 +56,36 @@ TEST_CONFIG = Config(
     # tests register made-up addresses, which must not be sent a packet.
     max_probes=0,
 )
+
+
+_SAMPLE_TIME = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def sample_event(
+    revision: int,
+    name: str = "billing",
+    *,
+    kind: EventType = EventType.REGISTERED,
+    check: HealthCheck | None = None,
+) -> Event:
+    """An event of instance `{name}-1`, as the notifier hands it to the hub."""
+    instance = Instance(
+        name=name,
+        instance_id=f"{name}-1",
+        generation=1,
+        status=Status.ACTIVE,
+        address="127.0.0.1",
+        version="",
+        description="",
+        apis=(),
+        brokers=(),
+        metadata={},
+        check=check,
+        registered_at=_SAMPLE_TIME,
+        updated_at=_SAMPLE_TIME,
+        revision=revision,
+    )
+    return Event(revision, kind, name, f"{name}-1", instance, _SAMPLE_TIME)
 
 
 async def start_replica(

@@ -3,37 +3,15 @@
 from __future__ import annotations
 
 import random
-from datetime import UTC, datetime
 
 import pytest
 import trio
 import trio.testing
 
+from harness import sample_event as event
 from registry.backoff import Backoff
-from registry.model import Event, EventType, Instance, Status
+from registry.model import Event
 from registry.watch import Ended, Hub, Progress, Watcher
-
-_TIME = datetime(2026, 1, 1, tzinfo=UTC)
-
-
-def event(revision: int, name: str = "billing") -> Event:
-    instance = Instance(
-        name=name,
-        instance_id=f"{name}-1",
-        generation=1,
-        status=Status.ACTIVE,
-        address="127.0.0.1",
-        version="",
-        description="",
-        apis=(),
-        brokers=(),
-        metadata={},
-        check=None,
-        registered_at=_TIME,
-        updated_at=_TIME,
-        revision=revision,
-    )
-    return Event(revision, EventType.REGISTERED, name, f"{name}-1", instance, _TIME)
 
 
 async def received(watcher: Watcher) -> list[tuple[int, str]]:

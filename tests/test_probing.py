@@ -12,7 +12,6 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from harness import (
     grpc_client,
     in_thread,
     registration,
+    sample_event,
     start_replica,
     watch_stream,
 )
@@ -48,7 +48,7 @@ from probe_targets import (
 )
 from registry.app import Replica
 from registry.errors import InvalidArgument
-from registry.model import CheckKind, Event, EventType, HealthCheck, Instance, Status
+from registry.model import CheckKind, EventType, HealthCheck
 from registry.probes import ProbeSettings, brings_probe_due
 from registry.v1 import registry_pb2 as pb
 
@@ -460,34 +460,17 @@ async def test_new_registration_is_probed_at_once_while_the_scheduler_sleeps(
 
 
 def test_only_a_new_generation_with_a_check_brings_a_probe_due() -> None:
-    when = datetime(2026, 1, 1, tzinfo=UTC)
-    plain = Instance(
-        name="billing",
-        instance_id="b-1",
-        generation=1,
-        status=Status.ACTIVE,
-        address="127.0.0.1",
-        version="",
-        description="",
-        apis=(),
-        brokers=(),
-        metadata={},
-        check=None,
-        registered_at=when,
-        updated_at=when,
-        revision=1,
-    )
-    checked_one = replace(plain, check=HealthCheck(CheckKind.TTL, ttl_seconds=5))
+    ttl = HealthCheck(CheckKind.TTL, ttl_seconds=5)
 
-    def brings(kind: EventType, instance: Instance) -> bool:
-        return brings_probe_due(Event(1, kind, "billing", "b-1", instance, when))
+    def brings(kind: EventType, check: HealthCheck | None) -> bool:
+        return brings_probe_due(sample_event(1, kind=kind, check=check))
 
-    assert brings(EventType.REGISTERED, checked_one)
-    assert brings(EventType.UPDATED, checked_one)
-    assert not brings(EventType.STATUS_CHANGED, checked_one)
-    assert not brings(EventType.DEREGISTERED, checked_one)
-    assert not brings(EventType.REGISTERED, plain)
-    assert not brings(EventType.UPDATED, plain)
+    assert brings(EventType.REGISTERED, ttl)
+    assert brings(EventType.UPDATED, ttl)
+    assert not brings(EventType.STATUS_CHANGED, ttl)
+    assert not brings(EventType.DEREGISTERED, ttl)
+    assert not brings(EventType.REGISTERED, None)
+    assert not brings(EventType.UPDATED, None)
 
 
 @asynccontextmanager
