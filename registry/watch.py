@@ -13,7 +13,7 @@ Idle streams learn the current revision from Progress items, which tick()
 queues behind everything offered before: a stream that sends what it
 receives, in order, never reports progress past an event it has not sent.
 One ticker for the whole hub, rather than a timeout on every stream's wait,
-keeps the per-event cost of a stream to a channel receive.
+keeps the per-event cost of a stream to taking an item from its queue.
 
 The hub also keeps the replica's Resolve cache current (registry.cache): each
 event it publishes drops its name's answer. A task that cares about some
@@ -24,6 +24,7 @@ for them through noticing(), and is woken by those alone.
 from __future__ import annotations
 
 import enum
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -64,27 +65,32 @@ class Watcher:
         # Whether anything was offered since the last tick (or since the
         # watcher was made): only a stream idle for a whole tick gets progress.
         self._busy = True
-        # One slot more than the events it may hold: the progress item that
-        # a tick may have queued must not make the stream end as behind.
-        self._send, self._receive = trio.open_memory_channel[Event | Progress](
-            buffer + 1
-        )
+        # Items offered and not received yet: at most `buffer` events, and
+        # ahead of them at most one progress item (a tick queues one only
+        # into an empty queue), which does not count against the buffer.
+        # A deque rather than a memory channel: offer() runs for every
+        # watcher of every event, and a channel tells its length only
+        # through a statistics object built on each call.
+        self._items: deque[Event | Progress] = deque()
         self._buffer = buffer
-        # A tick's progress item waits in the channel (at most one does).
-        self._progress_waiting = False
+        # The stream's task, parked in receive() while the queue is empty.
+        self._waiting = trio.lowlevel.ParkingLot()
 
     @property
     def pending(self) -> int:
         """Items offered and not received yet."""
-        return self._receive.statistics().current_buffer_used
+        return len(self._items)
 
     def offer(self, event: Event) -> None:
         if event.revision <= self.cursor or self.ended is not None:
             return
-        if self.pending - self._progress_waiting >= self._buffer:
+        items = self._items
+        progress_waiting = bool(items) and type(items[0]) is Progress
+        if len(items) - progress_waiting >= self._buffer:
             self.end(Ended.BEHIND)
             return
-        self._send.send_nowait(event)
+        items.append(event)
+        self._waiting.unpark()
         self.cursor = event.revision
         self._busy = True
 
@@ -93,28 +99,31 @@ class Watcher:
         offered), if nothing was offered since the last tick and nothing
         waits unsent."""
         busy, self._busy = self._busy, False
-        if busy or self.ended is not None or self.pending:
+        if busy or self.ended is not None or self._items:
             return
-        self._send.send_nowait(Progress(max(revision, self.cursor)))
-        self._progress_waiting = True
+        self._items.append(Progress(max(revision, self.cursor)))
+        self._waiting.unpark()
 
     def end(self, reason: Ended) -> None:
         if self.ended is None:
             self.ended = reason
-            self._send.close()
+            self._waiting.unpark()
             if self.on_end is not None:
                 self.on_end()
 
     async def receive(self) -> Event | Progress | None:
         """The next event or progress; None once the watcher has ended and
-        its buffer is empty (see `ended` for why)."""
-        try:
-            item = await self._receive.receive()
-        except trio.EndOfChannel:
-            return None
-        if isinstance(item, Progress):
-            self._progress_waiting = False
-        return item
+        its queue is empty (see `ended` for why). A checkpoint, like a
+        channel's receive, whether or not it has to wait."""
+        if not self._items and self.ended is None:
+            # Woken by offer(), tick() or end(); only this stream's task
+            # receives, so what woke it is still there.
+            await self._waiting.park()
+        else:
+            await trio.lowlevel.checkpoint()
+        if self._items:
+            return self._items.popleft()
+        return None
 
 
 @dataclass(eq=False)

@@ -266,3 +266,41 @@ def test_watcher_queued_progress_takes_no_event_slot() -> None:
     assert watcher.ended is None
     hub.publish([event(3)])
     assert watcher.ended is Ended.BEHIND
+
+
+async def test_watcher_wakes_a_waiting_stream_for_an_event_and_for_its_end() -> None:
+    hub = Hub()
+    watcher = attached(hub, ["billing"])
+    got: list[Event | Progress | None] = []
+
+    async def stream() -> None:
+        while True:
+            item = await watcher.receive()
+            got.append(item)
+            if item is None:
+                return
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stream)
+        await trio.testing.wait_all_tasks_blocked()
+        hub.publish([event(1)])
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == [event(1)]
+
+        # Offered while the stream is away, then ended: it gets the event
+        # first, then the end.
+        hub.publish([event(2)])
+        watcher.end(Ended.DRAINING)
+    assert got == [event(1), event(2), None]
+
+
+async def test_watcher_keeps_its_events_for_a_receive_cancelled_while_waiting() -> None:
+    watcher = Watcher([], 16)
+    with trio.move_on_after(0):
+        await watcher.receive()
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        watcher.offer(event(1))
+        await watcher.receive()
+    assert watcher.pending == 1
+    assert await watcher.receive() == event(1)
