@@ -89,8 +89,11 @@ INTERNAL_MESSAGE = "internal error; the registry logged the details"
 _GRACEFUL_GOAWAY = GoAwayFrame(stream_id=0, last_stream_id=2**31 - 1).serialize()
 
 RECEIVE_SIZE = 65536
-# HTTP/2's initial flow-control window.
+# HTTP/2's initial flow-control window, a connection's until its client
+# opens it wider.
 _DEFAULT_WINDOW = 65535
+# A gRPC message's prefix: compressed flag, then length.
+_MESSAGE_PREFIX = struct.Struct(">?I")
 
 
 class ServeError(Exception):
@@ -476,37 +479,58 @@ class _Connection:
         if not stream.headers_sent:
             self._protocol.start_response(stream.id, "+proto")
             stream.headers_sent = True
-        payload = memoryview(struct.pack(">?I", False, len(data)) + data)
+        framed = _MESSAGE_PREFIX.pack(False, len(data)) + data
 
-        # Wait until the client's window takes the whole message (or a full
-        # default window of it), so that a cancellation while waiting leaves
-        # no half-sent message behind.
-        await self._wait_window(stream, min(len(payload), _DEFAULT_WINDOW))
+        # Nothing is sent until the client's window opens, and a message
+        # that fits in half the window a client starts with waits until it
+        # fits whole: cancelled while waiting (a watcher ended as too slow),
+        # the call still ends with its status, with no half-sent message
+        # before it. Clients grant more window once they have read about half
+        # of it (h2, nghttp2) or less, so waiting for more than half could
+        # wait for ever; a larger message goes as the window allows.
+        whole = len(framed) <= self._initial_window() // 2
+        window = await self._wait_window(stream, len(framed) if whole else 1)
         try:
-            while payload:
-                window = self._window(stream)
-                if window <= 0:
-                    self._flush()
-                    await self._wait_window(stream, 1)
-                    continue
-                self._protocol.send_data(stream.id, bytes(payload[:window]))
-                payload = payload[window:]
+            if len(framed) <= min(window, self._max_frame()):
+                # The usual case, and the one a watch event's fan-out takes
+                # once per stream: the whole message in one DATA frame.
+                self._protocol.send_data(stream.id, framed)
+            else:
+                await self._send_in_frames(stream, memoryview(framed))
         except BaseException:
+            # Cancelled midway, the stream is reset: a half-sent message must
+            # not be followed by anything else.
             stream.broken = True
             raise
         self._flush()
 
-    def _window(self, stream: _Stream) -> int:
-        h2conn = self._protocol.h2_connection
-        return min(  # type: ignore[no-any-return]  # h2 is untyped
-            h2conn.max_outbound_frame_size, h2conn.local_flow_control_window(stream.id)
-        )
+    async def _send_in_frames(self, stream: _Stream, payload: memoryview) -> None:
+        """Send `payload` in frames as large as the client takes, as fast as
+        its window opens."""
+        while payload:
+            size = min(await self._wait_window(stream, 1), self._max_frame())
+            self._protocol.send_data(stream.id, bytes(payload[:size]))
+            payload = payload[size:]
 
-    async def _wait_window(self, stream: _Stream, size: int) -> None:
-        while self._window(stream) < size:
+    def _initial_window(self) -> int:
+        """The smaller of the windows a new stream and the connection start
+        with, as the client set them."""
+        settings = self._protocol.h2_connection.remote_settings
+        return min(settings.initial_window_size, _DEFAULT_WINDOW)  # type: ignore[no-any-return]  # h2 is untyped
+
+    def _max_frame(self) -> int:
+        """The largest DATA frame the client takes."""
+        return self._protocol.h2_connection.max_outbound_frame_size  # type: ignore[no-any-return]  # h2 is untyped
+
+    async def _wait_window(self, stream: _Stream, size: int) -> int:
+        """Wait until the client's flow-control window for `stream` (and the
+        connection) takes `size` bytes; the window."""
+        h2conn = self._protocol.h2_connection
+        while (window := h2conn.local_flow_control_window(stream.id)) < size:
             waiter = stream.window_opened
             self._flush()
             await waiter.wait()
+        return window  # type: ignore[no-any-return]  # h2 is untyped
 
     async def _finish(self, stream: _Stream, status: Status) -> None:
         if stream.reset:

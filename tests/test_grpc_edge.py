@@ -39,6 +39,7 @@ from harness import (
     start_replica,
     start_replica_behind_proxy,
 )
+from registry import errors
 from registry._grpc import (
     INTERNAL_MESSAGE,
     Call,
@@ -406,6 +407,56 @@ async def test_unhandled_error_midway_through_a_stream_ends_it_with_internal(
     [logged] = _logged_errors(caplog)
     assert logged.exc_info is not None
     assert logged.exc_info[0] is KeyError
+    nursery.cancel_scope.cancel()
+
+
+async def test_responses_beyond_a_frame_and_the_window_and_odd_messages_arrive_whole(
+    nursery: trio.Nursery,
+) -> None:
+    """Messages larger than an HTTP/2 frame (16 KiB) and than a fresh
+    stream's window (64 KiB) go out in pieces as the client reads, to a
+    client with h2's default settings as to grpcio; an error
+    message with spaces at its ends, a line break and non-ASCII text reaches
+    the client as written."""
+    big = bytes(range(256)) * 1200
+    message = "  the instance ünïcode/1\nis held  "
+
+    async def send_sizes(request: Any, call: Call) -> None:
+        for size in (10, len(big), 20_000, 1):
+            await call.send(big[:size])
+        raise errors.FailedPrecondition(message)
+
+    service = Service(
+        "test.v1.Sizes",
+        {"Send": Method(health_pb2.HealthCheckRequest, send_sizes, streaming=True)},
+    )
+    server = GrpcServer([service], host="127.0.0.1", port=0)
+    port: int = await nursery.start(server.serve)
+
+    # h2's defaults: 16 KiB frames, a 64 KiB window opened as it reads.
+    raw = await RawConnection.open(port)
+    with trio.fail_after(WAIT):
+        stream_id = await raw.start_call(
+            "/test.v1.Sizes/Send", health_pb2.HealthCheckRequest()
+        )
+        received = [await raw.next_message(stream_id) for _ in range(4)]
+        status = await raw.wait_status(stream_id)
+    await raw.aclose()
+    assert received == [big[:10], big, big[:20_000], big[:1]]
+    assert status == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+
+    async with grpc_client(port) as client:
+        stream = client.channel.unary_stream(
+            "/test.v1.Sizes/Send",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=bytes,
+        )
+        call = stream(health_pb2.HealthCheckRequest(), timeout=WAIT)
+        received = [await in_thread(next, call) for _ in range(4)]
+        with pytest.raises(grpc.RpcError) as exc:
+            await in_thread(next, call)
+    assert received == [big[:10], big, big[:20_000], big[:1]]
+    assert rpc_error(exc) == (grpc.StatusCode.FAILED_PRECONDITION, message)
     nursery.cancel_scope.cancel()
 
 
