@@ -152,6 +152,17 @@ class _Protocol(GRPCConnection):  # type: ignore[misc]  # purerpc is untyped
     """purerpc's connection, with the two events it drops made visible, and
     flow control that cannot leak."""
 
+    def __init__(self, config: GRPCConfiguration) -> None:
+        super().__init__(config)
+        # Every header this server sends comes from purerpc's fixed lists
+        # (lowercase names, the status message percent-encoded) and none from
+        # a caller, so h2's checks and normalization of outgoing headers,
+        # which run for every response, would find nothing to change.
+        # Incoming headers are still checked.
+        h2_config = self.h2_connection.config
+        h2_config.validate_outbound_headers = False
+        h2_config.normalize_outbound_headers = False
+
     def _stream_reset(self, event: h2.events.StreamReset) -> list[object]:
         # Its request will never complete: drop what is buffered of it.
         self.message_read_buffers.pop(event.stream_id, None)
