@@ -73,8 +73,8 @@ class Watcher:
         # through a statistics object built on each call.
         self._items: deque[Event | Progress] = deque()
         self._buffer = buffer
-        # The stream's task, parked in receive() while the queue is empty.
-        self._waiting = trio.lowlevel.ParkingLot()
+        # The stream's task while it waits in receive() for an item.
+        self._waiting: trio.lowlevel.Task | None = None
 
     @property
     def pending(self) -> int:
@@ -90,7 +90,7 @@ class Watcher:
             self.end(Ended.BEHIND)
             return
         items.append(event)
-        self._waiting.unpark()
+        self._wake()
         self.cursor = event.revision
         self._busy = True
 
@@ -102,12 +102,12 @@ class Watcher:
         if busy or self.ended is not None or self._items:
             return
         self._items.append(Progress(max(revision, self.cursor)))
-        self._waiting.unpark()
+        self._wake()
 
     def end(self, reason: Ended) -> None:
         if self.ended is None:
             self.ended = reason
-            self._waiting.unpark()
+            self._wake()
             if self.on_end is not None:
                 self.on_end()
 
@@ -117,13 +117,26 @@ class Watcher:
         channel's receive, whether or not it has to wait."""
         if not self._items and self.ended is None:
             # Woken by offer(), tick() or end(); only this stream's task
-            # receives, so what woke it is still there.
-            await self._waiting.park()
+            # receives, so what woke it is still there. Parking the task by
+            # hand: this runs for every stream of every event, and a
+            # ParkingLot costs more per wake-up.
+            self._waiting = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(self._abort_wait)
         else:
             await trio.lowlevel.checkpoint()
         if self._items:
             return self._items.popleft()
         return None
+
+    def _wake(self) -> None:
+        task, self._waiting = self._waiting, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+
+    def _abort_wait(self, _: object) -> trio.lowlevel.Abort:
+        # Cancelled while waiting: nothing was taken.
+        self._waiting = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
 
 @dataclass(eq=False)
