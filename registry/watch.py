@@ -120,6 +120,7 @@ class Watcher:
             # receives, so what woke it is still there. Parking the task by
             # hand: this runs for every stream of every event, and a
             # ParkingLot costs more per wake-up.
+            assert self._waiting is None, "one task receives from a watcher"
             self._waiting = trio.lowlevel.current_task()
             await trio.lowlevel.wait_task_rescheduled(self._abort_wait)
         else:

@@ -268,7 +268,9 @@ def test_watcher_queued_progress_takes_no_event_slot() -> None:
     assert watcher.ended is Ended.BEHIND
 
 
-async def test_watcher_wakes_a_waiting_stream_for_an_event_and_for_its_end() -> None:
+async def test_watcher_wakes_a_waiting_stream_for_an_event_and_for_its_end(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     hub = Hub()
     watcher = attached(hub, ["billing"])
     got: list[Event | Progress | None] = []
@@ -280,27 +282,62 @@ async def test_watcher_wakes_a_waiting_stream_for_an_event_and_for_its_end() -> 
             if item is None:
                 return
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(stream)
-        await trio.testing.wait_all_tasks_blocked()
-        hub.publish([event(1)])
-        await trio.testing.wait_all_tasks_blocked()
-        assert got == [event(1)]
+    with trio.fail_after(1):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream)
+            await trio.testing.wait_all_tasks_blocked()
+            hub.publish([event(1)])
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == [event(1)]
 
-        # Offered while the stream is away, then ended: it gets the event
-        # first, then the end.
-        hub.publish([event(2)])
-        watcher.end(Ended.DRAINING)
-    assert got == [event(1), event(2), None]
+            # Waiting again: the end alone wakes it.
+            watcher.end(Ended.DRAINING)
+    assert got == [event(1), None]
 
 
-async def test_watcher_keeps_its_events_for_a_receive_cancelled_while_waiting() -> None:
+async def test_watcher_hands_over_what_was_offered_before_its_end() -> None:
+    watcher = attached(Hub(), [])
+    watcher.offer(event(1))
+    watcher.end(Ended.DRAINING)
+    watcher.offer(event(2))
+    assert [await watcher.receive(), await watcher.receive()] == [event(1), None]
+
+
+@pytest.mark.parametrize("offer_first", [True, False])
+async def test_watcher_loses_no_event_to_a_receive_cancelled_as_it_arrives(
+    autojump_clock: trio.testing.MockClock, offer_first: bool
+) -> None:
     watcher = Watcher([], 16)
-    with trio.move_on_after(0):
-        await watcher.receive()
+    got: list[Event | Progress | None] = []
+    with trio.fail_after(1):
+        async with trio.open_nursery() as nursery:
+
+            async def receive() -> None:
+                got.append(await watcher.receive())
+
+            nursery.start_soon(receive)
+            await trio.testing.wait_all_tasks_blocked()
+            # In one step, in either order: the event arrives and the
+            # waiting receive is cancelled.
+            if offer_first:
+                watcher.offer(event(1))
+            nursery.cancel_scope.cancel()
+            if not offer_first:
+                watcher.offer(event(1))
+        if offer_first:
+            # Woken before the cancel: the receive returns the event.
+            assert (got, watcher.pending) == ([event(1)], 0)
+        else:
+            # Cancelled first: the event waits for the next receive.
+            assert got == []
+            assert await watcher.receive() == event(1)
+
+
+async def test_watcher_keeps_its_event_for_a_receive_cancelled_before_waiting() -> None:
+    watcher = Watcher([], 16)
+    watcher.offer(event(1))
     with trio.CancelScope() as scope:
         scope.cancel()
-        watcher.offer(event(1))
         await watcher.receive()
     assert watcher.pending == 1
     assert await watcher.receive() == event(1)
