@@ -24,8 +24,10 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+import h2.settings
 import pytest
 import trio
+import trio.testing
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -410,52 +412,163 @@ async def test_unhandled_error_midway_through_a_stream_ends_it_with_internal(
     nursery.cancel_scope.cancel()
 
 
-async def test_responses_beyond_a_frame_and_the_window_and_odd_messages_arrive_whole(
-    nursery: trio.Nursery,
-) -> None:
-    """Messages larger than an HTTP/2 frame (16 KiB) and than a fresh
-    stream's window (64 KiB) go out in pieces as the client reads, to a
-    client with h2's default settings as to grpcio; an error
-    message with spaces at its ends, a line break and non-ASCII text reaches
-    the client as written."""
-    big = bytes(range(256)) * 1200
-    message = "  the instance ünïcode/1\nis held  "
+# --- large responses and flow control ----------------------------------------
 
-    async def send_sizes(request: Any, call: Call) -> None:
-        for size in (10, len(big), 20_000, 1):
-            await call.send(big[:size])
-        raise errors.FailedPrecondition(message)
+# Bytes whose slices tell where they were cut.
+PATTERN = bytes(range(256)) * 1200
+
+
+@dataclass
+class _SizesServer:
+    port: int
+    # Set by GiveUp once it has cancelled its send midway.
+    gave_up: trio.Event = field(default_factory=trio.Event)
+
+
+async def _serve_sizes(nursery: trio.Nursery) -> _SizesServer:
+    """Send: messages of the sizes listed in the request's `service` field,
+    cut from PATTERN. GiveUp: a message of 100,000 bytes, given up as soon
+    as it is stuck on a client that does not read."""
+
+    async def send(request: Any, call: Call) -> None:
+        for size in request.service.split(","):
+            await call.send(PATTERN[: int(size)])
+
+    async def give_up(request: Any, call: Call) -> None:
+        async with trio.open_nursery() as senders:
+            senders.start_soon(call.send, PATTERN[:100_000])
+            await trio.testing.wait_all_tasks_blocked()
+            senders.cancel_scope.cancel()
+        server.gave_up.set()
 
     service = Service(
         "test.v1.Sizes",
-        {"Send": Method(health_pb2.HealthCheckRequest, send_sizes, streaming=True)},
+        {
+            "Send": Method(health_pb2.HealthCheckRequest, send, streaming=True),
+            "GiveUp": Method(health_pb2.HealthCheckRequest, give_up, streaming=True),
+        },
     )
-    server = GrpcServer([service], host="127.0.0.1", port=0)
-    port: int = await nursery.start(server.serve)
+    grpc_server = GrpcServer([service], host="127.0.0.1", port=0)
+    server = _SizesServer(await nursery.start(grpc_server.serve))
+    return server
 
-    # h2's defaults: 16 KiB frames, a 64 KiB window opened as it reads.
-    raw = await RawConnection.open(port)
+
+def _sizes(*sizes: int) -> health_pb2.HealthCheckRequest:
+    return health_pb2.HealthCheckRequest(service=",".join(map(str, sizes)))
+
+
+# A small message first, so that the window is no longer whole, then one
+# that would just have fitted a whole window; messages beyond a frame
+# (16 KiB), on both sides of half a window (32,767 bytes with the 5 of the
+# prefix), and beyond a window (64 KiB).
+SIZES = (10, 65_525, 20_000, 30_000, 40_000, 32_762, 32_763, len(PATTERN), 1)
+
+
+async def test_responses_beyond_a_frame_and_the_window_reach_an_h2_client(
+    nursery: trio.Nursery,
+) -> None:
+    """A client with h2's defaults: 16 KiB frames, and a 64 KiB window that
+    it opens again only once it has read half of it."""
+    server = await _serve_sizes(nursery)
+    raw = await RawConnection.open(server.port)
     with trio.fail_after(WAIT):
-        stream_id = await raw.start_call(
-            "/test.v1.Sizes/Send", health_pb2.HealthCheckRequest()
-        )
-        received = [await raw.next_message(stream_id) for _ in range(4)]
+        stream_id = await raw.start_call("/test.v1.Sizes/Send", _sizes(*SIZES))
+        received = [await raw.next_message(stream_id) for _ in SIZES]
         status = await raw.wait_status(stream_id)
     await raw.aclose()
-    assert received == [big[:10], big, big[:20_000], big[:1]]
-    assert status == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    assert received == [PATTERN[:size] for size in SIZES]
+    assert status == grpc.StatusCode.OK.value[0]
+    nursery.cancel_scope.cancel()
 
-    async with grpc_client(port) as client:
-        stream = client.channel.unary_stream(
+
+async def test_responses_beyond_a_frame_and_the_window_reach_grpcio(
+    nursery: trio.Nursery,
+) -> None:
+    server = await _serve_sizes(nursery)
+    async with grpc_client(server.port) as client:
+        send = client.channel.unary_stream(
             "/test.v1.Sizes/Send",
             request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
             response_deserializer=bytes,
         )
-        call = stream(health_pb2.HealthCheckRequest(), timeout=WAIT)
-        received = [await in_thread(next, call) for _ in range(4)]
+        received = await in_thread(lambda: list(send(_sizes(*SIZES), timeout=WAIT)))
+    assert received == [PATTERN[:size] for size in SIZES]
+    nursery.cancel_scope.cancel()
+
+
+async def test_a_message_waiting_for_the_window_goes_when_the_client_shrinks_it(
+    nursery: trio.Nursery,
+) -> None:
+    """A message that waits to go whole, and whose client then lowers its
+    initial window below the message, goes in pieces instead of waiting for
+    a window that will never be large enough."""
+    server = await _serve_sizes(nursery)
+    raw = await RawConnection.open(server.port)
+    with trio.fail_after(WAIT):
+        # The first call takes the connection's whole window, and the client
+        # reads it without giving the window back yet; the second call's
+        # message (30,005 bytes with its prefix) waits to go whole.
+        first = await raw.start_call("/test.v1.Sizes/Send", _sizes(65_530))
+        second = await raw.start_call("/test.v1.Sizes/Send", _sizes(30_000))
+        unacknowledged = 0
+        while unacknowledged < 65_535:
+            for event in raw.conn.receive_data(await raw.sock.receive_some(65536)):
+                if isinstance(event, h2.events.DataReceived):
+                    assert event.stream_id == first
+                    unacknowledged += event.flow_controlled_length
+
+        raw.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 20_000})
+        await raw.sock.send_all(raw.conn.data_to_send())
+        raw.conn.acknowledge_received_data(unacknowledged, first)
+        await raw.sock.send_all(raw.conn.data_to_send())
+
+        assert await raw.next_message(second) == PATTERN[:30_000]
+        assert await raw.wait_status(second) == grpc.StatusCode.OK.value[0]
+    await raw.aclose()
+    nursery.cancel_scope.cancel()
+
+
+async def test_a_message_cut_midway_ends_its_stream_with_a_reset(
+    nursery: trio.Nursery,
+) -> None:
+    """Nothing may follow half a message: not the rest of the stream, nor a
+    status the client would read as part of it."""
+    server = await _serve_sizes(nursery)
+    raw = await RawConnection.open(server.port)
+    with trio.fail_after(WAIT):
+        stream_id = await raw.start_call("/test.v1.Sizes/GiveUp", _sizes())
+        await server.gave_up.wait()
+        stream = await raw.wait_end(stream_id)
+    await raw.aclose()
+    assert stream.reset == h2.errors.ErrorCodes.CANCEL
+    assert stream.status is None
+    assert stream.messages == []
+    assert 0 < len(stream.buffer) < 100_005
+    nursery.cancel_scope.cancel()
+
+
+async def test_an_error_message_reaches_the_client_as_written(
+    nursery: trio.Nursery,
+) -> None:
+    """Spaces at its ends, a line break, non-ASCII text."""
+    message = "  the instance ünïcode/1\nis held  "
+
+    async def fail(request: Any, call: Call) -> Any:
+        raise errors.FailedPrecondition(message)
+
+    service = Service(
+        "test.v1.Fail", {"Fail": Method(health_pb2.HealthCheckRequest, fail)}
+    )
+    server = GrpcServer([service], host="127.0.0.1", port=0)
+    port: int = await nursery.start(server.serve)
+    async with grpc_client(port) as client:
+        call = client.channel.unary_unary(
+            "/test.v1.Fail/Fail",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=bytes,
+        )
         with pytest.raises(grpc.RpcError) as exc:
-            await in_thread(next, call)
-    assert received == [big[:10], big, big[:20_000], big[:1]]
+            await in_thread(call, health_pb2.HealthCheckRequest(), timeout=WAIT)
     assert rpc_error(exc) == (grpc.StatusCode.FAILED_PRECONDITION, message)
     nursery.cancel_scope.cancel()
 
