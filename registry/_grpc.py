@@ -501,9 +501,11 @@ class _Connection:
         # wait for ever; a larger message goes as the window allows.
         # TODO: a larger message cut by a cancellation midway ends its
         # stream with RST_STREAM (CANCEL): a watcher ended as too slow while
-        # such an event (over 32 KiB, with most metadata) was half sent gets
-        # CANCELLED instead of RESOURCE_EXHAUSTED and its resume hint.
-        # Finishing the message within a grace period would keep the status.
+        # such an event was half sent (one over 32 KiB, or less with a
+        # client's smaller window: an entry using most of its metadata
+        # allowance) gets CANCELLED instead of RESOURCE_EXHAUSTED and its
+        # resume hint. Finishing the message within a grace period would keep
+        # the status.
         window = await self._wait_to_send(stream, len(framed))
         try:
             if len(framed) <= min(window, self._max_frame()):
