@@ -506,16 +506,17 @@ async def test_a_message_waiting_for_the_window_goes_when_the_client_shrinks_it(
     raw = await RawConnection.open(server.port)
     with trio.fail_after(WAIT):
         # The first call takes the connection's whole window, and the client
-        # reads it without giving the window back yet; the second call's
-        # message (30,005 bytes with its prefix) waits to go whole.
+        # reads it without giving the window back yet.
         first = await raw.start_call("/test.v1.Sizes/Send", _sizes(65_530))
-        second = await raw.start_call("/test.v1.Sizes/Send", _sizes(30_000))
         unacknowledged = 0
         while unacknowledged < 65_535:
             for event in raw.conn.receive_data(await raw.sock.receive_some(65536)):
                 if isinstance(event, h2.events.DataReceived):
-                    assert event.stream_id == first
                     unacknowledged += event.flow_controlled_length
+        # The second call's message (30,005 bytes with its prefix) waits to
+        # go whole, and its handler is waiting when the settings change.
+        second = await raw.start_call("/test.v1.Sizes/Send", _sizes(30_000))
+        await trio.testing.wait_all_tasks_blocked()
 
         raw.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 20_000})
         await raw.sock.send_all(raw.conn.data_to_send())
