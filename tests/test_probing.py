@@ -198,7 +198,10 @@ async def test_inactive_instance_is_deregistered_after_deregister_after(
     assert gone.type == pb.EVENT_TYPE_DEREGISTERED
     assert gone.instance.instance_id == "b-1"
     down_for = gone.time.ToNanoseconds() - inactive.time.ToNanoseconds()
-    assert 1.0e9 <= down_for < 1.5e9
+    # Not before deregister_after; and at the probe that falls due then,
+    # within a probe interval, which leaves room for a loaded machine (0.5 s
+    # of room was once too little).
+    assert 1.0e9 <= down_for < 2.0e9
     listed = await client.call("List", pb.ListRequest(name="billing"))
     assert list(listed.instances) == []
 
